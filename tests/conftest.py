@@ -1,0 +1,27 @@
+"""Shared fixtures. ``trained(task_name)`` trains a reference model once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+import qkov
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """``trained(task_name, seed=0) -> qkov.Run`` with the task's reference defaults, cached.
+
+    The first call for a (task, seed) trains into a temporary run directory (``run.path``), so
+    tests that need a directory (``qkov analyze DIR``) and tests that need the model share one
+    training run per session.
+    """
+    runs: dict[tuple[str, int], qkov.Run] = {}
+
+    def get(task_name: str, seed: int = 0) -> qkov.Run:
+        key = (task_name, seed)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"{task_name}-seed{seed}")
+            runs[key] = qkov.train(task_name, out=out / "run", seed=seed, quiet=True)
+        return runs[key]
+
+    return get
