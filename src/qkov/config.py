@@ -81,7 +81,8 @@ class ModelConfig:
 class TrainConfig:
     """How to train: AdamW, batch size (None = full batch of a finite training set), schedule.
 
-    ``eval_every`` and ``checkpoint_every`` count optimizer steps (0 = never checkpoint);
+    ``eval_every`` and ``checkpoint_every`` count optimizer steps (0 = never checkpoint; a run
+    resumes from its newest checkpoint);
     ``target_accuracy`` stops training at the first eval that reaches it (None = never).
     """
 
@@ -93,8 +94,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine (after warmup)
     eval_every: int = 100
-    eval_size: int = 2048
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
     target_accuracy: float | None = None
 
     def __post_init__(self) -> None:
@@ -102,7 +102,6 @@ class TrainConfig:
         if self.batch_size is not None:
             _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("eval_every", self.eval_every)
-        _check_positive_int("eval_size", self.eval_size)
         for name in ("warmup_steps", "checkpoint_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

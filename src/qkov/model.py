@@ -72,10 +72,19 @@ class Attention(nn.Module):
         self.b_K = nn.Parameter(torch.zeros(h, e))
         self.b_V = nn.Parameter(torch.zeros(h, e))
         self.b_O = nn.Parameter(torch.zeros(d))
-        # Buffers named as TransformerLens names them, so its state dicts load strictly.
-        self.register_buffer("mask", torch.tril(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool)))
+        # Buffers named and shaped as TransformerLens 3.9 has them (an empty `mask`, built at
+        # forward time there), so state dicts load strictly both ways.
+        self.register_buffer("mask", torch.empty((0, 0), dtype=torch.bool))
         self.register_buffer("IGNORE", torch.tensor(-float("inf")))
+        self.register_buffer("causal", torch.tril(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool)), persistent=False)
         self.scale = 1 / math.sqrt(e)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Older TransformerLens releases store the causal mask itself ([n_ctx, n_ctx]); it is a
+        # constant, so whatever shape arrives is replaced by ours.
+        if prefix + "mask" in state_dict:
+            state_dict[prefix + "mask"] = self.mask
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, rec, prefix: str, query_pos: Tensor | None = None) -> Tensor:
         xq = x if query_pos is None else x[:, query_pos]                       # [b, p, d]
@@ -87,7 +96,7 @@ class Attention(nn.Module):
         rec(prefix + "hook_v", v)
         scores = torch.einsum("bphe,bkhe->bhpk", q, k) * self.scale             # [b, h, p, k]
         n = x.shape[1]
-        mask = self.mask[:n, :n] if query_pos is None else self.mask[query_pos, :n]
+        mask = self.causal[:n, :n] if query_pos is None else self.causal[query_pos, :n]
         scores = scores.masked_fill(~mask, self.IGNORE)
         rec(prefix + "hook_attn_scores", scores)
         pattern = scores.softmax(dim=-1)                                        # [b, h, p, k]

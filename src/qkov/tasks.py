@@ -294,7 +294,7 @@ class MaxTask(Task):
         return ModelConfig(n_layers=1, n_heads=1, d_model=32, d_mlp=None, d_vocab=self.vocab, n_ctx=self.max_len)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=1500, batch_size=512, lr=3e-3, weight_decay=0.01, eval_every=100, eval_size=4096)
+        return TrainConfig(steps=1500, batch_size=512, lr=3e-3, weight_decay=0.01, eval_every=100)
 
 
 class AddTask(FiniteTask):
@@ -524,3 +524,49 @@ def get_task(name: str | Task, **overrides: Any) -> Task:
 def task_from_dict(d: dict[str, Any]) -> Task:
     d = dict(d)
     return get_task(d.pop("name"), **d)
+
+
+def configure(
+    task: str | Task, sets: dict[str, Any] | None = None, steps: int | None = None
+) -> tuple[Task, ModelConfig, TrainConfig]:
+    """Task, model config and train config for ``task`` with ``key=value`` overrides applied.
+
+    A key names a task parameter, a ModelConfig field or a TrainConfig field (looked up in that
+    order; prefix it with ``task.``, ``model.`` or ``train.`` to be explicit). String values are
+    parsed to the field's type, as ``qkov train --set`` passes them. Task parameters are applied
+    first, so e.g. ``p=23`` resizes the model's vocabulary before model fields are set.
+
+    >>> task, model_cfg, train_cfg = configure("modadd", {"p": "23", "lr": "3e-3"})
+    >>> model_cfg.d_vocab, train_cfg.lr
+    (24, 0.003)
+    """
+    from .config import parse_value
+
+    base = get_task(task)
+    task_sets: dict[str, Any] = {}
+    model_sets: dict[str, Any] = {}
+    train_sets: dict[str, Any] = {}
+    model_fields = ModelConfig().to_dict()
+    train_fields = TrainConfig().to_dict()
+    train_fields["betas"] = tuple(train_fields["betas"])
+    for raw_key, value in (sets or {}).items():
+        scope, _, key = raw_key.rpartition(".")
+        if scope not in ("", "task", "model", "train"):
+            raise QkovError(f"unknown key prefix '{scope}.' in '{raw_key}'; use task., model. or train.")
+        if scope in ("", "task") and key in base.defaults:
+            target, current = task_sets, base.params[key]
+        elif scope in ("", "model") and key in model_fields:
+            target, current = model_sets, model_fields[key]
+        elif scope in ("", "train") and key in train_fields:
+            target, current = train_sets, train_fields[key]
+        else:
+            known = sorted(base.defaults) + sorted(model_fields) + sorted(train_fields)
+            raise QkovError(f"unknown key '{raw_key}' for task '{base.name}'; known keys: {', '.join(known)}")
+        target[key] = parse_value(value, current, raw_key) if isinstance(value, str) else value
+    task_obj = get_task(base, **task_sets)
+    model_cfg = task_obj.model_config().replace(**model_sets)
+    train_cfg = task_obj.train_config().replace(**train_sets)
+    if steps is not None:
+        train_cfg = train_cfg.replace(steps=steps)
+    task_obj.check_model(model_cfg)
+    return task_obj, model_cfg, train_cfg

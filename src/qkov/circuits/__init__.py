@@ -1,0 +1,51 @@
+"""Circuits: pure functions of a model's weights (qkov or TransformerLens), no training, no I/O.
+
+>>> import qkov
+>>> model = qkov.Transformer(qkov.ModelConfig(n_layers=1, n_heads=1, d_model=32, d_vocab=64, n_ctx=6))
+>>> qkov.circuits.full_ov(model, 0, 0).shape
+torch.Size([64, 64])
+>>> qkov.circuits.copying_scores(model).shape
+torch.Size([1, 1])
+"""
+
+from .attribution import LogitAttribution, logit_attribution
+from .composition import composition_scores, random_baseline
+from .factored import FactoredMatrix
+from .full import (
+    QKTerms,
+    copying_scores,
+    direct_path,
+    full_ov,
+    full_qk,
+    key_rank_correlation,
+    ov,
+    ov_self_stats,
+    positional_qk,
+    qk,
+    qk_terms,
+    virtual_ov,
+)
+from .weights import Weights, to_qkov_state, weights
+
+__all__ = [
+    "FactoredMatrix",
+    "LogitAttribution",
+    "QKTerms",
+    "Weights",
+    "composition_scores",
+    "copying_scores",
+    "direct_path",
+    "full_ov",
+    "full_qk",
+    "key_rank_correlation",
+    "logit_attribution",
+    "ov",
+    "ov_self_stats",
+    "positional_qk",
+    "qk",
+    "qk_terms",
+    "random_baseline",
+    "to_qkov_state",
+    "virtual_ov",
+    "weights",
+]

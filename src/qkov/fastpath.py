@@ -1,0 +1,202 @@
+"""A fast, exact training forward for one-layer models whose loss reads fixed positions.
+
+In a one-layer transformer everything attention reads is a function of one (position, token)
+pair: the query, key and value of token ``t`` at position ``j`` are rows of small tables built
+from ``W_E + W_pos[j]``. So instead of projecting every example's residual stream (``batch ×
+pos × d_model × d_head`` per head, per step), :func:`scored_logits_fn` builds those tables once
+per call over the vocabulary and gathers rows. Without LayerNorm it goes further and pushes the
+values through ``W_O W_in`` and ``W_O W_U``: the MLP pre-activations and the direct-path logits
+then come out of one ``embedding_bag`` whose bags are ``(key position, token, head)`` rows
+weighted by the attention pattern (plus the query's own token for the skip path). Only the
+MLP's output (``relu(pre) @ W_out W_U``) stays per example: it is the one nonlinear step.
+
+The maths is the plain forward's, reassociated; logits and gradients match
+``model(tokens, positions=...)`` to float rounding (``tests/test_fastpath.py``). The function
+reads the live parameters on every call, so autograd and the optimizer see through it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import Transformer
+
+
+def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
+    """A function ``tokens [batch, pos] -> logits [batch, len(positions), d_vocab_out]``.
+
+    ``task`` is a :class:`qkov.tasks.Task` (its ``scored_positions`` are used) or a sequence of
+    query positions. The result equals ``model(tokens, positions=positions)``. Returns None
+    where the shortcut does not apply: not a qkov ``Transformer``, more than one layer, or no
+    fixed scored positions.
+
+    >>> from qkov.tasks import get_task
+    >>> task = get_task("modadd", p=7)
+    >>> model = Transformer(task.model_config(), seed=0)
+    >>> fn = scored_logits_fn(model, task)
+    >>> tokens = task.dataset("all").tokens
+    >>> torch.allclose(fn(tokens), model(tokens, positions=[2]), atol=1e-5)
+    True
+    """
+    if not isinstance(model, Transformer) or model.cfg.n_layers != 1:
+        return None
+    positions = task if isinstance(task, Sequence) else getattr(task, "scored_positions", None)
+    if positions is None or len(positions) == 0:
+        return None
+    positions = [int(p) for p in positions]
+    if min(positions) < 0 or max(positions) >= model.cfg.n_ctx:
+        return None
+    if model.cfg.normalization is None:
+        return _PushedForward(model, positions)
+    return _ResidForward(model, positions)
+
+
+class _TableForward:
+    """Shared part: attention patterns at the scored positions from (position, token) tables."""
+
+    def __init__(self, model: Transformer, positions: list[int]):
+        self.model = model
+        self.block = model.blocks[0]
+        self.positions = positions
+        self.n_keys = max(positions) + 1          # causal: later keys are never read
+        self.pos_idx = torch.tensor(positions)
+
+    def _attention(self, tokens: Tensor, x_tab: Tensor) -> tuple[Tensor, Tensor]:
+        """Pattern ``[b, p, k, h]`` at the scored positions and the value table ``[k, V, h, e]``."""
+        attn = self.block.attn
+        nk, V = self.n_keys, x_tab.shape[1]
+        h, e = attn.W_Q.shape[0], attn.W_Q.shape[2]
+        xk = x_tab[:nk]                                                        # [k, V, d]
+        q_tab = torch.einsum("pvd,hde->pvhe", x_tab[self.pos_idx], attn.W_Q) + attn.b_Q   # [p, V, h, e]
+        k_tab = torch.einsum("kvd,hde->kvhe", xk, attn.W_K) + attn.b_K         # [k, V, h, e]
+        v_tab = torch.einsum("kvd,hde->kvhe", xk, attn.W_V) + attn.b_V         # [k, V, h, e]
+        # Row j*V + t of a flattened table is token t at (scored or key) position j.
+        q = F.embedding(self._query_rows(tokens, V), q_tab.reshape(-1, h * e))  # [b, p, h*e]
+        k = F.embedding(torch.arange(nk) * V + tokens[:, :nk], k_tab.reshape(-1, h * e))  # [b, k, h*e]
+        # Per-example dot products; a batched matmul over (example, head) of 1 x e by e x k is slower.
+        q = q.view(len(tokens), len(self.positions), 1, h, e)
+        k = k.view(len(tokens), 1, nk, h, e)
+        scores = (q * k).sum(-1) / e**0.5                                      # [b, p, k, h]
+        causal = torch.arange(nk)[None, :, None] <= self.pos_idx[:, None, None]   # [p, k, 1]
+        pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=2)    # [b, p, k, h]
+        return pattern, v_tab
+
+    def _query_rows(self, tokens: Tensor, V: int) -> Tensor:
+        """Row ``i*V + t`` of a table over (scored position i, token t), per example."""
+        return torch.arange(len(self.positions)) * V + tokens[:, self.pos_idx]   # [b, p]
+
+    def _mix(self, tokens: Tensor, pattern: Tensor, ov_tab: Tensor, skip_tab: Tensor) -> Tensor:
+        """``Σ_(k,h) pattern · ov_tab[k, token_k, h] + skip_tab[p, token_p]`` per (example, scored position).
+
+        One weighted bag per (example, scored position) for ``embedding_bag``: the value-table
+        rows ``(k*V + token_k)*h + head`` weighted by the pattern, then the query token's skip
+        row (weight 1), which follows the value table. Rows increase along each bag.
+        """
+        B, P, nk, h = pattern.shape
+        V = ov_tab.shape[1]
+        table = torch.cat([ov_tab.reshape(nk * V * h, -1), skip_tab.reshape(P * V, -1)])   # [rows, w]
+        kv = (torch.arange(nk) * V + tokens[:, :nk]) * h                       # [b, k]
+        rows = (kv[:, :, None] + torch.arange(h)).reshape(B, 1, nk * h).expand(B, P, nk * h)
+        skip = nk * V * h + self._query_rows(tokens, V)                        # [b, p]
+        rows = torch.cat([rows, skip[..., None]], dim=-1)                      # [b, p, k*h + 1]
+        weights = torch.cat([pattern.reshape(B, P, nk * h), pattern.new_ones(B, P, 1)], dim=-1)
+        return _WeightedBag.apply(weights.reshape(B * P, -1), table, rows.reshape(B * P, -1))   # [b*p, w]
+
+
+class _WeightedBag(torch.autograd.Function):
+    """``out[i] = Σ_j weights[i, j] · table[rows[i, j]]``, i.e. ``F.embedding_bag`` (mode sum).
+
+    Torch's own backward for ``per_sample_weights`` is slow on CPU, so this one is written out:
+    the weights' gradient is ``grad @ tableᵀ`` sampled at the bag entries (a sparse
+    ``sampled_addmm``), and the table's gradient is itself an embedding_bag, with one bag per
+    table row holding the examples that read it. ``rows`` must increase along each bag.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, table, rows)
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights, table, rows = ctx.saved_tensors
+        n, s = rows.shape
+        n_rows = table.shape[0]
+        grad = grad.contiguous()
+        g_weights = g_table = None
+        if ctx.needs_input_grad[0]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                bags = torch.sparse_csr_tensor(
+                    torch.arange(0, n * s + 1, s), rows.reshape(-1), weights.reshape(-1), size=(n, n_rows)
+                )
+                g_weights = torch.sparse.sampled_addmm(bags, grad, table.T, beta=0.0).values().view(n, s)
+        if ctx.needs_input_grad[1]:
+            flat = rows.reshape(-1)
+            order = flat.argsort()
+            offsets = torch.zeros(n_rows, dtype=torch.long)
+            offsets[1:] = torch.bincount(flat, minlength=n_rows)[:-1].cumsum(0)
+            g_table = F.embedding_bag(order // s, grad, offsets, mode="sum",
+                                      per_sample_weights=weights.reshape(-1)[order])   # [n_rows, w]
+        return g_weights, g_table, None
+
+
+class _PushedForward(_TableForward):
+    """No LayerNorm: values pushed through ``W_O [W_in | W_U]``; one embedding_bag per step."""
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        model, block = self.model, self.block
+        tokens = model._check_tokens(tokens)
+        B, n = tokens.shape
+        P = len(self.positions)
+        W_E, W_pos, W_U = model.embed.W_E, model.pos_embed.W_pos[:n], model.unembed.W_U
+        V = W_E.shape[0]
+        x_tab = W_E[None] + W_pos[:, None]                                      # [n, V, d]
+        pattern, v_tab = self._attention(tokens, x_tab)                         # [b, p, k, h], [k, V, h, e]
+        attn = block.attn
+        has_mlp = hasattr(block, "mlp")
+        # Where a unit of residual stream goes: the MLP's input and the direct path to the logits.
+        read = torch.cat([block.mlp.W_in, W_U], dim=1) if has_mlp else W_U     # [d, m + v]
+        ov_read = torch.einsum("hed,dr->her", attn.W_O, read)                   # [h, e, m + v]
+        ov_tab = torch.einsum("kvhe,her->kvhr", v_tab, ov_read)                 # [k, V, h, m + v]
+        # The skip row enters every bag once with weight 1, so constant terms ride along in it.
+        const = attn.b_O @ read                                                 # [m + v]
+        if has_mlp:
+            mlp = block.mlp
+            const = const + torch.cat([mlp.b_in, mlp.b_out @ W_U + model.unembed.b_U])
+        else:
+            const = const + model.unembed.b_U
+        skip_tab = x_tab[self.pos_idx] @ read + const                           # [p, V, m + v]
+        mixed = self._mix(tokens, pattern, ov_tab, skip_tab)                    # [b*p, m + v]
+        if not has_mlp:
+            return mixed.view(B, P, -1)
+        pre, direct = mixed.split([mlp.W_in.shape[1], W_U.shape[1]], dim=1)     # [b*p, m], [b*p, v]
+        logits = mlp.act(pre) @ (mlp.W_out @ W_U) + direct                      # [b*p, v]
+        return logits.view(B, P, -1)
+
+
+class _ResidForward(_TableForward):
+    """LayerNorm: attention from tables, then the residual stream per example (LN is nonlinear)."""
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        model, block = self.model, self.block
+        tokens = model._check_tokens(tokens)
+        B, n = tokens.shape
+        P = len(self.positions)
+        W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos[:n]
+        V = W_E.shape[0]
+        resid_tab = W_E[None] + W_pos[:, None]                                  # [n, V, d]
+        pattern, v_tab = self._attention(tokens, block.ln1(resid_tab))          # [b, p, k, h], [k, V, h, e]
+        attn = block.attn
+        ov_tab = torch.einsum("kvhe,hed->kvhd", v_tab, attn.W_O)                # [k, V, h, d]
+        resid = self._mix(tokens, pattern, ov_tab, resid_tab[self.pos_idx]) + attn.b_O   # [b*p, d] resid_mid
+        if hasattr(block, "mlp"):
+            mlp = block.mlp
+            resid = resid + mlp.act(block.ln2(resid) @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
+        resid = model.ln_final(resid)
+        return (resid @ model.unembed.W_U + model.unembed.b_U).view(B, P, -1)
