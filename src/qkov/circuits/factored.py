@@ -126,7 +126,7 @@ class FactoredMatrix:
         other = self._check_operand(other)
         self._check_chain(self.rdim, other.shape[0] if other.ndim == 1 else other.shape[-2], other.shape)
         if other.ndim == 1:                                           # vector [r] -> [..., l]
-            return self.A @ (self.B @ other)
+            return (self.A @ (self.B @ other[:, None]))[..., 0]
         if self.mdim <= self.rdim:                                    # keep the smaller inner dim
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
@@ -135,7 +135,7 @@ class FactoredMatrix:
         other = self._check_operand(other)
         self._check_chain(other.shape[-1], self.ldim, other.shape, left=True)
         if other.ndim == 1:                                           # vector [l] -> [..., r]
-            return (other @ self.A) @ self.B
+            return ((other[None] @ self.A) @ self.B)[..., 0, :]
         if self.mdim <= self.ldim:
             return FactoredMatrix(other @ self.A, self.B)
         return FactoredMatrix(other, self.AB)
