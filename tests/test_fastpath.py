@@ -1,0 +1,126 @@
+"""The fast one-layer training path computes the plain forward's logits and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkov.config import ModelConfig
+from qkov.fastpath import scored_logits_fn
+from qkov.model import Transformer
+from qkov.tasks import get_task
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops: a second OpenMP thread only adds contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomised(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> Transformer:
+    """A model with every parameter random, biases and LayerNorm weights included."""
+    model = Transformer(cfg, seed=seed).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.split(".")[-1].startswith("W_"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    return model
+
+
+def _logits_and_grads(model, fn, tokens, weights):
+    model.zero_grad(set_to_none=True)
+    logits = fn(tokens)
+    (logits * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+CONFIGS = [
+    # (config, scored positions)
+    (dict(n_heads=3, d_model=12, d_head=5, d_mlp=24, d_vocab=11, d_vocab_out=7, n_ctx=5, act_fn="gelu"), [1, 3]),
+    (dict(n_heads=2, d_model=16, d_mlp=None, d_vocab=9, n_ctx=4), [0, 1, 2, 3]),
+    (dict(n_heads=2, d_model=16, d_mlp=20, d_vocab=9, n_ctx=4, normalization="LN"), [2]),
+    (dict(n_heads=1, d_model=8, d_mlp=None, d_vocab=6, n_ctx=6, normalization="LN"), [1, 5]),
+    (dict(n_heads=4, d_model=16, d_head=4, d_mlp=32, d_vocab=12, d_vocab_out=11, n_ctx=3, use_bias=False), [2]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("cfg, positions", CONFIGS)
+def test_fast_path_equals_plain_forward(cfg, positions, seed, dtype):
+    cfg = ModelConfig(n_layers=1, **cfg)
+    model = _randomised(cfg, dtype, seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    tokens = torch.randint(0, cfg.d_vocab, (64, cfg.n_ctx), generator=gen)
+    weights = torch.randn(64, len(positions), cfg.vocab_out, generator=gen, dtype=dtype)
+    fast = scored_logits_fn(model, positions)
+    assert fast is not None
+    plain_logits, plain_grads = _logits_and_grads(model, lambda t: model(t, positions=positions), tokens, weights)
+    fast_logits, fast_grads = _logits_and_grads(model, fast, tokens, weights)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast_logits, plain_logits, **tol)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_modadd_logits_and_grads_match():
+    """The grokking model, the case the fast path exists for, at float32 (allclose 1e-5)."""
+    task = get_task("modadd", p=23, train_frac=0.6)
+    model = Transformer(task.model_config(), seed=0)
+    fn = scored_logits_fn(model, task)
+    batch = task.dataset("train")
+    plain = model(batch.tokens, positions=task.scored_positions)
+    fast = fn(batch.tokens)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    grads = []
+    for logits in (plain, fast):
+        model.zero_grad(set_to_none=True)
+        task.loss(logits, batch.targets[:, task.scored_positions]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_reads_live_parameters():
+    task = get_task("modadd", p=7)
+    model = Transformer(task.model_config(), seed=0)
+    fn = scored_logits_fn(model, task)
+    tokens = task.dataset("all").tokens
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in.mul_(2.0)
+        model.embed.W_E.add_(0.1)
+    torch.testing.assert_close(fn(tokens), model(tokens, positions=[2]), rtol=1e-5, atol=1e-5)
+
+
+def test_not_applicable_returns_none():
+    two_layers = Transformer(ModelConfig(n_layers=2, d_vocab=8, n_ctx=4))
+    assert scored_logits_fn(two_layers, [3]) is None
+    assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), get_task("induction", n_ctx=8, max_seg=4)) is None
+    assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), [4]) is None
+    assert scored_logits_fn(torch.nn.Linear(2, 2), [0]) is None
+
+
+def test_gradients_train_the_same_model():
+    """Ten AdamW steps through either path end at the same weights (float64)."""
+    task = get_task("modadd", p=11, train_frac=0.5)
+    cfg = task.model_config().replace(d_model=32, d_head=8, d_mlp=64)
+    batch = task.dataset("train")
+    finals = []
+    for fast in (False, True):
+        model = Transformer(cfg, seed=0).double()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1.0)
+        fn = scored_logits_fn(model, task) if fast else (lambda t: model(t, positions=[2]))
+        for _ in range(10):
+            loss = torch.nn.functional.cross_entropy(fn(batch.tokens)[:, 0], batch.targets[:, 2])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        finals.append(model.state_dict())
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-8, atol=1e-9)
