@@ -109,12 +109,17 @@ def test_streamed_row_statistics(seed, batch, l, m, r, k, chunk):
     assert torch.equal(fm.diag_rank(chunk=chunk), ref_rank)
     close(fm.diag_argmax_fraction(chunk=chunk), (ref_rank == 0).double().mean(-1))
     close(fm.diag_topk_fraction(2, chunk=chunk), (ref_rank < 2).double().mean(-1))
+    ks = [1, k, r, r + 2]                                             # k > r columns always hits
+    hits = fm.diag_in_topk(ks, chunk=chunk)
+    assert hits.shape == ref_rank.shape + (4,)
+    assert torch.equal(hits, torch.stack([ref_rank < kk for kk in ks], -1))
 
 
 def test_diag_rank_counts_ties_for_the_diagonal():
     # Row 0 ties its diagonal with another entry; row 1's diagonal is strictly second.
     fm = FactoredMatrix(torch.eye(2), torch.tensor([[1.0, 1.0], [3.0, 2.0]]))
     assert fm.diag_rank().tolist() == [0, 1]
+    assert fm.diag_in_topk([1, 2]).tolist() == [[True, True], [False, True]]
     assert fm.diag_argmax_fraction().item() == 0.5
 
 
@@ -146,5 +151,7 @@ def test_errors_say_what_was_given():
         fm @ torch.zeros(4, 2)
     with pytest.raises(QkovError, match=r"k=6 must be in 1..5"):
         fm.topk_rows(6)
+    with pytest.raises(QkovError, match=r"ks=\[0\] must be positive integers"):
+        fm.diag_in_topk([0])
     with pytest.raises(QkovError, match="scalar"):
         fm * torch.zeros(3)

@@ -17,7 +17,7 @@ True
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -235,6 +235,17 @@ class FactoredMatrix:
             idxs.append(i)
         return torch.cat(vals, dim=-2), torch.cat(idxs, dim=-2)
 
+    def _diag_chunks(self, chunk: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(rows [..., c, rdim], their diagonal entries [..., c])`` for rows ``< min(l, r)``."""
+        n = min(self.ldim, self.rdim)
+        chunk = chunk or self.chunk_rows()
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            block = self.rows(start, stop)                            # [..., c, r]
+            i = torch.arange(stop - start, device=block.device)
+            # Read the diagonal from the same block so that rounding cannot split a tie.
+            yield block, block[..., i, start + i]
+
     def diag_rank(self, chunk: int | None = None) -> Tensor:
         """For each row ``i < min(ldim, rdim)``: how many entries of row ``i`` exceed ``AB[i, i]``.
 
@@ -243,24 +254,32 @@ class FactoredMatrix:
         ``i`` and rank 0 means the head, attending to ``i``, raises logit ``i`` most. Streamed in
         row chunks; for a non-square matrix the rows past ``rdim`` have no diagonal and are skipped.
         """
-        n = min(self.ldim, self.rdim)
-        chunk = chunk or self.chunk_rows()
+        out = [(block > diag[..., None]).sum(-1, dtype=torch.int32) for block, diag in self._diag_chunks(chunk)]
+        return torch.cat(out, dim=-1).long()
+
+    def diag_in_topk(self, ks: Sequence[int], chunk: int | None = None) -> Tensor:
+        """Whether each row's diagonal entry is among its top ``k``, for each ``k`` in ``ks``.
+
+        bool ``[..., n, len(ks)]`` (rows as in :meth:`diag_rank`; equal to ``diag_rank() < k``).
+        Cheaper than the full rank: one ``topk(max(ks))`` per streamed chunk, since the diagonal
+        is in the top ``k`` exactly when it is at least the row's ``k``-th largest entry.
+        """
+        ks = list(ks)
+        if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+            raise QkovError(f"ks={ks} must be positive integers (k >= {self.rdim} columns always hits)")
+        cols = torch.tensor([min(k, self.rdim) - 1 for k in ks])
         out = []
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block = self.rows(start, stop)                            # [..., c, r]
-            i = torch.arange(stop - start, device=block.device)
-            diag = block[..., i, start + i]                           # [..., c]
-            # Read the diagonal from the same block so that rounding cannot split a tie.
-            out.append((block > diag[..., None]).sum(-1))
-        return torch.cat(out, dim=-1)
+        for block, diag in self._diag_chunks(chunk):
+            kth = block.topk(int(cols.max()) + 1, dim=-1).values[..., cols]   # [..., c, len(ks)]
+            out.append(diag[..., None] >= kth)
+        return torch.cat(out, dim=-2)
 
     def diag_topk_fraction(self, k: int = 1, chunk: int | None = None) -> Tensor:
-        """Fraction of rows whose top-``k`` entries include the diagonal: ``[...]``."""
-        return (self.diag_rank(chunk) < k).to(torch.float64).mean(-1)
+        """Fraction of rows whose top-``k`` entries include the diagonal: ``[...]`` (float64)."""
+        return self.diag_in_topk([k], chunk)[..., 0].to(torch.float64).mean(-1)
 
     def diag_argmax_fraction(self, chunk: int | None = None) -> Tensor:
-        """Fraction of rows whose maximum is the diagonal entry: ``[...]``."""
+        """Fraction of rows whose maximum is the diagonal entry: ``[...]`` (float64)."""
         return self.diag_topk_fraction(1, chunk)
 
     # ---------------------------------------------------------------- checks

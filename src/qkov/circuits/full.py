@@ -233,23 +233,21 @@ def ov_self_stats(
 
     Each value is ``[L, H]`` for all heads, or a 0-d tensor for ``layer, head``. Rows are the
     tokens both vocabularies share; a tie with the maximum counts as a hit. The circuit is
-    streamed in row chunks (:meth:`FactoredMatrix.diag_rank`), so memory stays bounded even at
+    streamed in row chunks (:meth:`FactoredMatrix.diag_in_topk`), so memory stays bounded even at
     50257 × 50257.
     """
     w = weights(model)
     E, _ = _shared_square(w, pos)
     if (layer is None) != (head is None):
         raise QkovError(f"pass both layer and head (one head) or neither (all heads); got layer={layer}, head={head}")
-    for k in ks:
-        if not isinstance(k, int) or not 1 <= k <= w.d_vocab_out:
-            raise QkovError(f"ks must hold integers in 1..{w.d_vocab_out} (d_vocab_out); got {list(ks)}")
     if layer is None:
         W_V, W_O = w.W_V, w.W_O                                       # [L, H, d, e], [L, H, e, d]
     else:
         l, h = _head(w, layer, head)
         W_V, W_O = w.W_V[l, h], w.W_O[l, h]
-    rank = FactoredMatrix(E @ W_V, W_O @ w.W_U).diag_rank()           # [..., n]
-    return {f"top{k}": (rank < k).to(torch.float64).mean(-1) for k in ks}
+    hits = FactoredMatrix(E @ W_V, W_O @ w.W_U).diag_in_topk(list(ks))   # [..., n, len(ks)]
+    frac = hits.to(torch.float64).mean(-2)                            # [..., len(ks)]
+    return {f"top{k}": frac[..., i] for i, k in enumerate(ks)}
 
 
 def key_rank_correlation(
