@@ -1,0 +1,114 @@
+"""The trainer: determinism, bit-exact resume, run directories, NaN handling."""
+
+import json
+
+import pytest
+import torch
+
+import qkov
+from qkov import QkovError, get_task, store
+from qkov.tasks import configure
+
+
+def small_max(steps=60, **train):
+    task, model_cfg, train_cfg = configure("max", {"eval_every": 20, "checkpoint_every": 20, **train}, steps)
+    return task, model_cfg, train_cfg
+
+
+def weights(model):
+    return {k: v.clone() for k, v in store.model_tensors(model).items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_weights_different_seed_different():
+    task, m, t = small_max(30)
+    a = qkov.train(task, seed=1, model_config=m, train_config=t, quiet=True)
+    b = qkov.train(task, seed=1, model_config=m, train_config=t, quiet=True)
+    c = qkov.train(task, seed=2, model_config=m, train_config=t, quiet=True)
+    assert_same(weights(a.model), weights(b.model))
+    assert not torch.equal(a.model.W_E, c.model.W_E)
+
+
+@pytest.mark.parametrize("name,sets", [("max", {}), ("modadd", {"p": 7, "train_frac": 0.5, "batch_size": 8})])
+def test_resume_is_bit_exact(tmp_path, name, sets):
+    sets = {"eval_every": 10, "checkpoint_every": 20, **sets}
+    task, m, t = configure(name, sets, steps=60)
+    straight = qkov.train(task, out=tmp_path / "a", model_config=m, train_config=t, quiet=True)
+    # The same run stopped at step 40, then resumed to 60.
+    qkov.train(task, out=tmp_path / "b", model_config=m, train_config=t.replace(steps=40), quiet=True)
+    resumed = qkov.resume(tmp_path / "b", steps=60, quiet=True)
+    assert_same(weights(straight.model), weights(resumed.model))
+    assert_same(weights(straight.model), weights(qkov.load(tmp_path / "b")))
+    assert [r["step"] for r in resumed.metrics] == [r["step"] for r in straight.metrics]
+    assert resumed.metrics[-1]["loss"] == straight.metrics[-1]["loss"]
+
+
+def test_resume_from_an_interrupted_run_uses_the_last_checkpoint(tmp_path):
+    task, m, t = small_max(60)
+    straight = qkov.train(task, out=tmp_path / "a", model_config=m, train_config=t, quiet=True)
+    qkov.train(task, out=tmp_path / "b", model_config=m, train_config=t, quiet=True)
+    # Simulate a run killed after its step-40 checkpoint: no final model, and the training
+    # state of a real run that stopped at step 40.
+    (tmp_path / "b" / store.MODEL).unlink()
+    qkov.train(task, out=tmp_path / "c", model_config=m, train_config=t.replace(steps=40), quiet=True)
+    (tmp_path / "b" / store.TRAIN_STATE).write_bytes((tmp_path / "c" / store.TRAIN_STATE).read_bytes())
+    with pytest.raises(QkovError, match="did not finish.*--resume"):
+        qkov.load(tmp_path / "b")
+    resumed = qkov.resume(tmp_path / "b", quiet=True)
+    assert_same(weights(straight.model), weights(resumed.model))
+
+
+def test_run_directory_layout_and_round_trip(tmp_path):
+    task, m, t = small_max(40)
+    run = qkov.train(task, out=tmp_path, model_config=m, train_config=t, quiet=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["task"] == {"name": "max", "vocab": 64, "min_len": 2, "max_len": 6}
+    assert cfg["model"]["d_model"] == 32 and cfg["train"]["steps"] == 40 and cfg["qkov_version"] == qkov.__version__
+    assert [s for s, _ in store.checkpoint_paths(tmp_path)] == [0, 20, 40]
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 20, 40] and "by_length" in rows[-1]
+    loaded = qkov.load(tmp_path)
+    assert loaded.cfg == run.model.cfg
+    assert_same(weights(run.model), weights(loaded))
+    tokens = torch.randint(0, 64, (8, 6))
+    torch.testing.assert_close(loaded(tokens), run.model(tokens))
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_target_accuracy_stops_early():
+    task, m, t = small_max(2000, target_accuracy=0.9, eval_every=50, lr=3e-3)
+    run = qkov.train(task, model_config=m, train_config=t, quiet=True)
+    assert run.final["step"] < 2000
+    assert run.final["accuracy"] >= 0.9
+    assert min(g["accuracy"] for g in run.final["by_length"].values()) >= 0.9
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    task, m, t = small_max(50, lr=1e30, checkpoint_every=1)
+    with pytest.raises(QkovError, match=r"NaN at step \d+.*lower the learning rate.*last good checkpoint"):
+        qkov.train(task, out=tmp_path, model_config=m, train_config=t, quiet=True)
+    ckpts = store.checkpoint_paths(tmp_path)
+    assert ckpts, "the last good checkpoint must stay"
+    model = store.load_checkpoint(ckpts[-1][1], m)
+    assert all(torch.isfinite(v).all() for v in store.model_tensors(model).values())
+    assert not (tmp_path / store.MODEL).exists()
+
+
+def test_refuses_to_mix_runs_in_one_directory(tmp_path):
+    task, m, t = small_max(20)
+    qkov.train(task, out=tmp_path, model_config=m, train_config=t, quiet=True)
+    with pytest.raises(QkovError, match="different setup"):
+        qkov.train(task, out=tmp_path, seed=5, model_config=m, train_config=t, quiet=True)
+    assert qkov.load(tmp_path) is not None  # the run that was there is untouched
+
+
+def test_resume_errors(tmp_path):
+    task, m, t = small_max(20)
+    qkov.train(task, out=tmp_path, model_config=m, train_config=t, quiet=True)
+    with pytest.raises(QkovError, match="already ran 20 steps.*--steps"):
+        qkov.resume(tmp_path)
