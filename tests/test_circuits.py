@@ -54,6 +54,7 @@ def test_full_circuits_equal_einsum(model):
     assert fo.shape == (12, 10) and fo.mdim == 4
     close(fo.AB, ov)
     close(C.full_ov(model, 1, 0).AB, E @ w.W_V[1, 0] @ w.W_O[1, 0] @ U)
+    close(C.full_ov(model, torch.tensor(1), 0).AB, C.full_ov(model, 1, 0).AB)   # 0-d int tensors index too
     close(C.full_ov(model, 1, 0, include_bias=True).AB, (E @ w.W_V[1, 0] + w.b_V[1, 0]) @ w.W_O[1, 0] @ U)
     qk = torch.einsum("vd,de,fe,uf->vu", E + P[4], w.W_Q[0, 2], w.W_K[0, 2], E + P[1])
     close(C.full_qk(model, 0, 2, q_pos=4, k_pos=1).AB, qk)
@@ -232,6 +233,7 @@ def test_weights_of_a_layernorm_model_reproduce_its_logits_through_the_scale():
         (lambda m: C.full_ov(m, 2, 0), r"layer=2 is out of range: this model has n_layers=2, so layer must be in 0\.\.1"),
         (lambda m: C.qk(m, 0, 3), r"head=3 is out of range: this model has n_heads=3, so head must be in 0\.\.2"),
         (lambda m: C.full_ov(m, 0, -1), r"head=-1 is out of range"),
+        (lambda m: C.full_ov(m, 0.5, 0), r"layer=0.5 must be an integer in 0\.\.1"),
         (lambda m: C.full_ov(m, 0, 0, pos=5), r"pos=5 is out of range: this model has n_ctx=5, so pos must be in 0\.\.4"),
         (lambda m: C.full_qk(m, 0, 0, q_pos=1, k_pos=2), r"k_pos=2 comes after q_pos=1"),
         (lambda m: C.full_qk(m, 0, 0, q_pos=9), r"q_pos=9 is out of range"),

@@ -22,6 +22,7 @@ to that per-position scale. Value biases are *not* folded into ``b_O`` (each hea
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -105,10 +106,12 @@ class Weights:
 
 
 def _check_index(name: str, value: Any, n: int, dim: str) -> int:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise QkovError(f"{name}={value!r} must be an integer in 0..{n - 1}")
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)                                 # ints, numpy ints, 0-d int tensors
+    except TypeError:
+        raise QkovError(f"{name}={value!r} must be an integer in 0..{n - 1}") from None
     if not 0 <= value < n:
         raise QkovError(f"{name}={value} is out of range: this model has {dim}={n}, so {name} must be in 0..{n - 1}")
     return value
