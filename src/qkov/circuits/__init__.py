@@ -25,6 +25,16 @@ from .full import (
     qk_terms,
     virtual_ov,
 )
+from .heads import (
+    detection_pattern,
+    detection_score,
+    duplicate_token_scores,
+    head_scores,
+    induction_scores,
+    previous_token_scores,
+    repeated_random_tokens,
+)
+from .mlp import neuron_inputs, neuron_logits, skip_inputs
 from .weights import Weights, to_qkov_state, weights
 
 __all__ = [
@@ -34,17 +44,27 @@ __all__ = [
     "Weights",
     "composition_scores",
     "copying_scores",
+    "detection_pattern",
+    "detection_score",
     "direct_path",
+    "duplicate_token_scores",
     "full_ov",
     "full_qk",
+    "head_scores",
+    "induction_scores",
     "key_rank_correlation",
     "logit_attribution",
+    "neuron_inputs",
+    "neuron_logits",
     "ov",
     "ov_self_stats",
     "positional_qk",
+    "previous_token_scores",
     "qk",
     "qk_terms",
     "random_baseline",
+    "repeated_random_tokens",
+    "skip_inputs",
     "to_qkov_state",
     "virtual_ov",
     "weights",

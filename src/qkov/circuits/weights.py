@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -195,7 +195,8 @@ def _read_raw(model) -> dict[str, Any]:
         raw = dict(
             n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
             d_mlp=cfg.d_mlp if mlp else None, d_vocab=cfg.d_vocab,
-            d_vocab_out=getattr(cfg, "d_vocab_out", None) or cfg.d_vocab, n_ctx=cfg.n_ctx,
+            d_vocab_out=cfg.d_vocab_out if (getattr(cfg, "d_vocab_out", None) or -1) > 0 else cfg.d_vocab,
+            n_ctx=cfg.n_ctx,
             normalization="LN" if norm in ("LN", "LNPre") else None,
             act_fn=getattr(cfg, "act_fn", None) if mlp else None, eps=float(getattr(cfg, "eps", 1e-5)),
             attn_scale=scale if use_scale else 1.0, W_pos=_t(W_pos),
@@ -377,7 +378,3 @@ def to_qkov_state(model) -> tuple[dict[str, Any], dict[str, Tensor]]:
     sd["unembed.W_U"], sd["unembed.b_U"] = raw["W_U"], raw["b_U"]
     return config, {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
-
-def with_dtype(w: Weights, dtype: torch.dtype) -> Weights:
-    """A copy of ``w`` with every tensor cast to ``dtype`` (e.g. float64 for exact comparisons)."""
-    return replace(w, **{f.name: getattr(w, f.name).to(dtype) for f in fields(w) if isinstance(getattr(w, f.name), Tensor)})
