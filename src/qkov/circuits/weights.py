@@ -163,8 +163,6 @@ def _expand_kv(x: Tensor | None, n_heads: int) -> Tensor | None:
 
 def _read_raw(model) -> dict[str, Any]:
     """Every tensor and dimension, unfolded, plus the LayerNorm parameters (``ln*_w/b``)."""
-    if isinstance(model, Weights):
-        raise TypeError("already a Weights")
     if _is_qkov(model):
         cfg = model.cfg
         mlp = cfg.d_mlp is not None
@@ -230,6 +228,8 @@ def _read_raw(model) -> dict[str, Any]:
     if raw["normalization"] == "LN":
         raw["ln1_w"], raw["ln1_b"] = _stack_ln(model, "ln1", L)
         raw["ln2_w"], raw["ln2_b"] = _stack_ln(model, "ln2", L) if raw["d_mlp"] is not None else (None, None)
+        if raw["ln2_w"] is None and getattr(model.cfg, "parallel_attn_mlp", False):
+            raw["ln2_w"], raw["ln2_b"] = raw["ln1_w"], raw["ln1_b"]   # the MLP reads ln1 too (GPT-J)
         raw["lnf_w"], raw["lnf_b"] = _ln(getattr(model, "ln_final", None))
     return raw
 
