@@ -3,14 +3,16 @@
 __version__ = "0.1.0"
 
 from . import circuits
+from .analyze import Summary, analyze
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .model import Transformer
 from .store import load, load_run
 from .tasks import Task, get_task
 from .train import Run, resume, train
+from .interop import from_transformer_lens
 
 __all__ = [
-    "ModelConfig", "QkovError", "Run", "Task", "TrainConfig", "Transformer",
-    "circuits", "get_task", "load", "load_run", "resume", "train",
+    "ModelConfig", "QkovError", "Run", "Summary", "Task", "TrainConfig", "Transformer",
+    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "train",
 ]

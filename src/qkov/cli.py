@@ -78,6 +78,54 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def format_summary(d: dict[str, Any]) -> str:
+    """The human-readable form of ``qkov analyze``: findings, eval, per-head scores."""
+    lines = [f"{d['task']['name']}: " + ", ".join(f"{k}={v}" for k, v in d["task"].items() if k != "name")]
+    lines += ["findings:"] + [f"  - {f['text']}" for f in d["findings"]]
+    lines.append(format_eval(d["eval"]))
+    lines.append("heads:")
+    for h in d["heads"]:
+        scores = "  ".join(f"{k} {v:.3f}" for k, v in h.items() if k not in ("layer", "head"))
+        lines.append(f"  {h['layer']}.{h['head']}  {scores}")
+    mlp = d.get("mlp")
+    if mlp and mlp.get("kind") == "fourier_zp":
+        n = mlp["neurons"]
+        lines.append(f"mlp: key frequencies {mlp['key_frequencies']}, logit FVE {mlp['logit_fve']:.3f}, "
+                     f"{n['frac_fve_ge_0.85']:.1%} of neurons with FVE >= 0.85; restricted loss "
+                     f"{mlp['restricted_loss']}, excluded loss {mlp['excluded_loss']}")
+    elif mlp and mlp.get("kind") == "token_spectrum":
+        top = ", ".join(f"k={f['k']} (period {f['period']}, {f['share']:.1%})" for f in mlp["dominant_frequencies"])
+        lines.append(f"mlp: dominant neuron-input frequencies {top}")
+    return "\n".join(lines)
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import analyze
+    from .store import load_run
+
+    loaded = load_run(args.dir)
+    summary = analyze(loaded.model, loaded.task, run_dir=loaded.path)
+    print(summary.to_json() if args.json else format_summary(summary.to_dict()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.dir, out=args.output, png=args.png)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f"; PNGs in {args.png}" if args.png else ""))
+    return 0
+
+
+def cmd_tour(args) -> int:
+    from .tour import tour
+
+    result = tour(args.output, quiet=args.quiet)
+    print(f"wrote {result.index} in {result.elapsed_s:.0f} s; reports: "
+          + ", ".join(str(x.report) for x in result.entries))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qkov", description="Train small transformers and read their QK/OV circuits.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
@@ -94,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained run: accuracy and loss")
     e.add_argument("dir")
     e.set_defaults(fn=cmd_eval)
+    a = sub.add_parser("analyze", help="circuit analysis of a trained run: per-head scores, composition, findings")
+    a.add_argument("dir")
+    a.add_argument("--json", action="store_true", help="print the Summary as one JSON object")
+    a.set_defaults(fn=cmd_analyze)
+    r = sub.add_parser("report", help="write a self-contained HTML report of a trained run")
+    r.add_argument("dir")
+    r.add_argument("-o", "--output", metavar="FILE", help="the HTML file (default DIR/report.html)")
+    r.add_argument("--png", metavar="PNG_DIR", help="also write each figure as a PNG into this folder (needs matplotlib)")
+    r.set_defaults(fn=cmd_report)
+    tr = sub.add_parser("tour", help="train max, add and fib, analyse them and write reports with an index page")
+    tr.add_argument("-o", "--output", metavar="DIR", default="tour", help="folder for runs and reports (default tour)")
+    tr.add_argument("--quiet", action="store_true", help="no progress messages")
+    tr.set_defaults(fn=cmd_tour)
     return p
 
 

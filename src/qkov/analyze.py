@@ -1,0 +1,227 @@
+"""One model + its task -> a JSON-able Summary: the numbers that qkov reports about a model.
+
+``analyze(model, task)`` gathers the eval, per-head scores (copying score, OV self top-1/top-5,
+head detectors for multi-layer models), composition matrices (2+ layers), facts about the
+task's attention (for ``max``: how often the last position attends to the maximum), the MLP
+section (key frequencies, neuron FVE, progress measures) and ``findings``: the headline numbers
+in words. Every number is computed from the model; the report and the CLI only print them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import circuits
+from .circuits.heads import head_scores
+from .fourier import mlp_summary
+from .tasks import Task
+
+
+@dataclass
+class Finding:
+    """A headline sentence and the number it states (``value``, shown as ``text``)."""
+
+    id: str
+    text: str
+    value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "value": self.value}
+
+
+@dataclass
+class Summary:
+    task: dict[str, Any]
+    model: dict[str, Any]
+    eval: dict[str, Any]
+    heads: list[dict[str, Any]]
+    composition: dict[str, Any] | None = None
+    attention: dict[str, Any] = field(default_factory=dict)
+    mlp: dict[str, Any] | None = None
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "task": self.task, "model": self.model, "eval": self.eval, "heads": self.heads,
+            "attention": self.attention, "findings": [f.to_dict() for f in self.findings],
+        }
+        if self.composition is not None:
+            d["composition"] = self.composition
+        if self.mlp is not None:
+            d["mlp"] = self.mlp
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def _r(x: float, digits: int = 6) -> float:
+    return round(float(x), digits)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+# ------------------------------------------------------------------------- heads
+def head_table(model, multi_layer: bool) -> list[dict[str, Any]]:
+    """Per-head scores: copying score and OV self top-1/top-5 (+ detectors with 2+ layers)."""
+    w = circuits.weights(model)
+    copy = circuits.copying_scores(model)
+    self_stats = circuits.ov_self_stats(model)
+    detectors = head_scores(model, seed=0, n=256) if multi_layer else {}
+    rows = []
+    for l in range(w.n_layers):
+        for h in range(w.n_heads):
+            row = {
+                "layer": l, "head": h,
+                "copying_score": _r(copy[l, h]),
+                "ov_self_top1": _r(self_stats["top1"][l, h]),
+                "ov_self_top5": _r(self_stats["top5"][l, h]),
+            }
+            for kind, scores in detectors.items():
+                row[f"{kind}_score"] = _r(scores[l, h])
+            rows.append(row)
+    return rows
+
+
+def composition_table(model) -> dict[str, Any]:
+    """Q/K/V composition scores as nested lists ``[L][H][L][H]``, with the strongest pair of each."""
+    out: dict[str, Any] = {}
+    strongest = {}
+    for mode in ("Q", "K", "V"):
+        s = circuits.composition_scores(model, mode)                    # [L, H, L, H]
+        out[mode] = [[[[_r(x) for x in row] for row in mat] for mat in layer] for layer in s.tolist()]
+        flat = int(s.flatten().argmax())
+        idx = torch.unravel_index(torch.tensor(flat), s.shape)
+        strongest[mode] = {"from": [int(idx[0]), int(idx[1])], "to": [int(idx[2]), int(idx[3])], "score": _r(s.flatten()[flat])}
+    out["strongest"] = strongest
+    return out
+
+
+# ------------------------------------------------------------------------- task facts
+@torch.no_grad()
+def max_attention_facts(model, task: Task) -> dict[str, Any]:
+    """For ``max``: how often each scored position's most-attended key holds the maximum so far,
+    the attention weight on maximal keys, and the QK rank correlation of key value vs score."""
+    batch = task.eval_batch()
+    _, cache = model.run_with_cache(batch.tokens, names="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"]                     # [b, h, q, k]
+    running_max = batch.tokens.cummax(1).values                        # [b, q]
+    is_max = batch.tokens[:, None, :] == running_max[:, :, None]        # [b, q, k]: key holds the max so far
+    is_max &= torch.ones_like(is_max[0]).tril().bool()
+    top_key = pattern.argmax(-1)                                       # [b, h, q]
+    hits = is_max[:, None].expand_as(pattern).gather(-1, top_key[..., None])[..., 0]  # [b, h, q]
+    weight_on_max = (pattern * is_max[:, None]).sum(-1)               # [b, h, q]
+    by_length = {}
+    for q in task.scored_positions:
+        by_length[str(q + 1)] = {
+            "top_key_is_max": _r(hits[:, :, q].float().mean()),
+            "weight_on_max": _r(weight_on_max[:, :, q].mean()),
+        }
+    scored = task.scored_positions
+    last = task.max_len - 1
+    # A key position adds the same amount to every key's score for a given query, so the
+    # ranking depends on the query position only: report it for each, keys at that position.
+    rank = {str(q): _r(circuits.key_rank_correlation(model, 0, 0, q_pos=q, k_pos=q)) for q in scored}
+    return {
+        "top_key_is_max": _r(hits[:, :, scored].float().mean()),
+        "weight_on_max": _r(weight_on_max[:, :, scored].mean()),
+        "by_length": by_length,
+        "key_rank_correlation": {"q_pos": last, "by_q_pos": rank,
+                                 "no_positions": _r(circuits.key_rank_correlation(model, 0, 0, None, None))},
+    }
+
+
+# ------------------------------------------------------------------------- findings
+def _findings(task: Task, s: Summary) -> list[Finding]:
+    f: list[Finding] = []
+    ev = s.eval
+    groups = ev.get("by_length") or ev.get("by_position")
+    if groups:
+        worst_key, worst = min(groups.items(), key=lambda kv: kv[1]["accuracy"])
+        kind = "length" if "by_length" in ev else "position"
+        f.append(Finding("accuracy", f"Accuracy {_pct(ev['accuracy'])} overall; lowest at {kind} {worst_key}: "
+                         f"{_pct(worst['accuracy'])}.", _r(ev["accuracy"])))
+    else:
+        split = " on the held-out test split" if "train_accuracy" in ev else ""
+        f.append(Finding("accuracy", f"Accuracy {_pct(ev['accuracy'])}{split}.", _r(ev["accuracy"])))
+    if task.name == "max":
+        a = s.attention
+        head = s.heads[0]
+        f.append(Finding("top_key_is_max", f"The last position attends most to a maximal token on "
+                         f"{_pct(a['top_key_is_max'])} of inputs.", a["top_key_is_max"]))
+        last = a["key_rank_correlation"]["q_pos"]
+        rho = a["key_rank_correlation"]["by_q_pos"][str(last)]
+        f.append(Finding("key_rank_correlation", f"With positions added, the QK circuit ranks keys by value: rank "
+                         f"correlation {rho:.3f} at the last position ({a['key_rank_correlation']['no_positions']:.3f} "
+                         f"without positions).", rho))
+        f.append(Finding("copying_score", f"The OV circuit copies: copying score {head['copying_score']:.3f}; "
+                         f"{_pct(head['ov_self_top1'])} of tokens raise their own logit most.", head["copying_score"]))
+    if "previous_token_score" in (s.heads[0] if s.heads else {}):
+        # A previous-token head is looked for in layer 0, an induction head after it: an
+        # induction head needs the earlier layer's previous-token information to compose with.
+        prev = max((r for r in s.heads if r["layer"] == 0), key=lambda r: r["previous_token_score"])
+        ind = max((r for r in s.heads if r["layer"] > 0), key=lambda r: r["induction_score"])
+        f.append(Finding("previous_token", f"Head {prev['layer']}.{prev['head']} is a previous-token head "
+                         f"(score {prev['previous_token_score']:.3f}).", prev["previous_token_score"]))
+        f.append(Finding("induction", f"Head {ind['layer']}.{ind['head']} is an induction head "
+                         f"(score {ind['induction_score']:.3f}).", ind["induction_score"]))
+    if s.composition is not None:
+        k = s.composition["strongest"]["K"]
+        f.append(Finding("k_composition", f"Strongest K-composition: head {k['from'][0]}.{k['from'][1]} into head "
+                         f"{k['to'][0]}.{k['to'][1]} (score {k['score']:.3f}).", k["score"]))
+    if s.mlp:
+        m = s.mlp
+        if m.get("kind") == "fourier_zp" and m["key_frequencies"]:
+            f.append(Finding("logit_fve", f"Key frequencies {m['key_frequencies']} explain "
+                             f"{_pct(m['logit_fve'])} of the logit variance.", m["logit_fve"]))
+        elif m.get("kind") == "token_spectrum" and m["dominant_frequencies"]:
+            top = m["dominant_frequencies"][0]
+            f.append(Finding("dominant_frequency", f"Neuron inputs are periodic in the attended token: the top "
+                             f"frequency is {top['k']} (period {top['period']:.2f} tokens), "
+                             f"{_pct(top['share'])} of the spectrum.", _r(top["share"])))
+    return f
+
+
+# ------------------------------------------------------------------------- entry point
+def analyze(model, task: Task | str, run_dir: str | Path | None = None) -> Summary:
+    """Everything qkov measures about ``model`` on ``task``, as a Summary (``.to_json()``).
+
+    ``run_dir``: the run directory, when the model came from one (the MLP section then adds
+    progress measures over its checkpoints).
+    """
+    from .tasks import get_task
+
+    task = get_task(task) if isinstance(task, str) else task
+    task.check_model(model.cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        multi = model.cfg.n_layers > 1
+        s = Summary(
+            task=task.to_dict(),
+            model=model.cfg.to_dict(),
+            eval=task.evaluate(model),
+            heads=head_table(model, multi),
+            composition=composition_table(model) if multi else None,
+        )
+        if task.name == "max" and model.cfg.n_layers == 1 and model.cfg.n_heads == 1:
+            s.attention = max_attention_facts(model, task)
+        if model.cfg.d_mlp is not None and model.cfg.n_layers == 1:
+            s.mlp = mlp_summary(model, task)
+            if run_dir is not None and task.name == "modadd":
+                from .progress import progress_measures
+                from .store import checkpoint_paths
+
+                if checkpoint_paths(run_dir):
+                    s.mlp["progress"] = progress_measures(run_dir, task)
+        s.findings = _findings(task, s)
+        return s
+    finally:
+        model.train(was_training)
