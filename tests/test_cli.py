@@ -1,0 +1,81 @@
+"""The command line: bad input gets one clear line on stderr, exit code 2, and nothing on disk."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qkov.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "mx"], "unknown task 'mx'. Known tasks: add, fib, induction, max, modadd."),
+        (["train", "max", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "max", "--set", "foo=1"], "unknown key 'foo' for task 'max'; known keys:"),
+        (["train", "max", "--set", "lr"], "--set expects key=value, got 'lr'"),
+        (["train", "max", "--set", "lr=fast"], "lr='fast' is not a number"),
+        (["train", "max", "--set", "steps=1.5"], "steps='1.5' is not an integer"),
+        (["train", "max", "--set", "act_fn=tanh"], "act_fn='tanh' is not supported; expected one of relu, gelu"),
+        (["train", "max", "--set", "d_model=30", "--set", "n_heads=4"],
+         "d_model=30 is not divisible by n_heads=4; pass d_head explicitly"),
+        (["train", "max", "--set", "n_ctx=4"], "n_ctx=4 is shorter than the task's longest sequence (6); pass --set n_ctx=6"),
+        (["train", "max", "--set", "d_vocab=10"], "d_vocab=10 is too small for task 'max'"),
+        (["train", "modadd", "--set", "d_vocab_out=50"], "d_vocab_out=50 is too small for task 'modadd'"),
+        (["train", "max", "--set", "min_len=5", "--set", "max_len=3"], "need 1 <= min_len <= max_len"),
+        (["train", "max", "--steps", "0"], "steps=0 must be a positive integer"),
+        (["train", "max", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+        (["train"], "qkov train needs a TASK"),
+        (["eval", "no/such/run"], "run directory no/such/run does not exist"),
+        (["analyze", "no/such/run"], "run directory no/such/run does not exist"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("qkov: ") and err.count("\n") == 1, err
+    assert message in err
+    assert list(tmp_path.iterdir()) == [], "bad input must not leave files behind"
+
+
+def test_train_eval_analyze_round_trip(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, text, _ = run_cli(capsys, "train", "max", "--out", str(out), "--steps", "40", "--set", "eval_every=20", "--quiet")
+    assert code == 0 and "length 6: accuracy" in text and f"saved to {out}" in text
+    code, text, _ = run_cli(capsys, "eval", str(out))
+    assert code == 0 and text.startswith("max: accuracy")
+    code, text, _ = run_cli(capsys, "analyze", str(out), "--json")
+    d = json.loads(text)
+    assert d["task"]["name"] == "max" and d["model"]["d_model"] == 32
+    assert set(d["eval"]["by_length"]) == {"2", "3", "4", "5", "6"}
+    assert d["heads"][0].keys() >= {"layer", "head", "copying_score", "ov_self_top1"}
+    # --resume continues it
+    code, text, _ = run_cli(capsys, "train", "--resume", str(out), "--steps", "60", "--quiet")
+    assert code == 0 and "(step 60)" in text
+
+
+def test_set_reaches_task_model_and_train_fields(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "modadd", "--out", str(out), "--steps", "5", "--quiet",
+                           "--set", "p=7", "--set", "train_frac=0.5", "--set", "model.d_mlp=32",
+                           "--set", "train.betas=0.9,0.95", "--set", "eval_every=5")
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["task"]["p"] == 7 and cfg["model"]["d_vocab"] == 8 and cfg["model"]["d_vocab_out"] == 7
+    assert cfg["model"]["d_mlp"] == 32 and cfg["train"]["betas"] == [0.9, 0.95]
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "qkov", "train", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr == "qkov: unknown task 'nope'. Known tasks: add, fib, induction, max, modadd.\n"
+    assert "Traceback" not in p.stderr
