@@ -25,3 +25,23 @@ def trained(tmp_path_factory):
         return runs[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def short_trained(tmp_path_factory):
+    """``short_trained(task_name, steps) -> qkov.Run``: a short run in a temporary directory, cached.
+
+    For tests that need a model with a run directory (reports, the CLI) but not a fully trained one.
+    """
+    runs: dict[tuple[str, int], qkov.Run] = {}
+
+    def get(task_name: str, steps: int) -> qkov.Run:
+        key = (task_name, steps)
+        if key not in runs:
+            task = qkov.get_task(task_name)
+            cfg = task.train_config().replace(steps=steps, eval_every=max(1, steps // 5))
+            out = tmp_path_factory.mktemp(f"{task_name}-{steps}steps")
+            runs[key] = qkov.train(task, out=out / "run", train_config=cfg, quiet=True)
+        return runs[key]
+
+    return get

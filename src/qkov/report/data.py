@@ -1,0 +1,319 @@
+"""Gather what a report draws: one call per analysis, through qkov's public API only.
+
+:func:`gather` turns a run (a directory, a :class:`qkov.Run` or a loaded run) into a
+:class:`ReportData`: the analysis ``Summary`` as a dict (the numbers in the findings box), the
+configs and eval history, and the arrays the figures draw (attention patterns of example inputs,
+full QK/OV circuits, eigenvalues, the direct path, MLP neuron maps). Arrays are numpy, rounded to
+``digits`` significant digits, and capped at ``max_tokens`` rows and columns, so a page stays
+small. This is the one module that knows the Summary's keys; figures and pages read ReportData.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import circuits
+from ..analyze import analyze
+from ..errors import QkovError
+from ..store import load_run
+
+N_EXAMPLES = 4          # example inputs whose attention patterns are drawn, per head
+MAX_TOKENS = 256        # circuits over larger vocabularies show their first MAX_TOKENS ids
+QK_PAIR_BUDGET = 1_500_000  # numbers in all position-aware QK heatmaps of a page together
+
+
+def round_sig(x, digits: int = 4) -> np.ndarray:
+    """``x`` rounded to ``digits`` significant digits, as float64 whose repr is short.
+
+    >>> round_sig([123456.7, 0.012345, -3.14159, 0.0]).tolist()
+    [123500.0, 0.01234, -3.142, 0.0]
+    """
+    a = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(a)
+    ok = np.isfinite(a) & (a != 0)
+    exp = np.zeros_like(a)
+    exp[ok] = np.floor(np.log10(np.abs(a[ok])))
+    shift = (digits - 1 - exp).astype(np.int64)   # decimals to keep
+    # Divide by an exact power of ten (never multiply by an inexact 0.1...) so reprs stay short.
+    pos, neg = ok & (shift >= 0), ok & (shift < 0)
+    p = 10.0 ** shift[pos]
+    out[pos] = np.round(a[pos] * p) / p
+    q = 10.0 ** (-shift[neg])
+    out[neg] = np.round(a[neg] / q) * q
+    out[~np.isfinite(a)] = a[~np.isfinite(a)]
+    return out
+
+
+def round_rel(x, digits: int = 4) -> np.ndarray:
+    """``x`` rounded to ``digits`` significant digits of its largest magnitude (one absolute step
+    for the whole array, as a heatmap's colour scale sees it), with short reprs.
+
+    >>> round_rel([123.456, 0.0123456, -7.891]).tolist()
+    [123.5, 0.0, -7.9]
+    """
+    a = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(a)
+    top = float(np.abs(a[finite]).max()) if finite.any() else 0.0
+    if top == 0:
+        return a.copy()
+    return round_sig(a, digits) if a.ndim == 0 else _round_decimals(a, digits - 1 - int(math.floor(math.log10(top))))
+
+
+def _round_decimals(a: np.ndarray, decimals: int) -> np.ndarray:
+    if decimals >= 0:
+        p = 10.0 ** decimals
+        return np.round(a * p) / p
+    q = 10.0 ** (-decimals)
+    return np.round(a / q) * q
+
+
+def _np(t, digits: int) -> np.ndarray:
+    """A tensor (or factored matrix) as a float64 numpy array, rounded with :func:`round_rel`."""
+    if isinstance(t, circuits.FactoredMatrix):
+        t = t.AB
+    if isinstance(t, torch.Tensor):
+        t = t.detach().double().cpu().numpy()
+    return round_rel(t, digits)
+
+
+@dataclass
+class Example:
+    """One example input and every head's attention pattern on it."""
+
+    tokens: list[int]
+    labels: list[str]                       # "(position) token" per position
+    patterns: np.ndarray                    # [n_layers, n_heads, q_pos, k_pos]
+
+
+@dataclass
+class HeadData:
+    """The circuits of one attention head, as arrays (rows/columns capped at MAX_TOKENS)."""
+
+    layer: int
+    head: int
+    scores: dict[str, Any]                  # this head's row of the Summary's ``heads``
+    qk: np.ndarray                          # [query token, key token], no positions
+    qk_pairs: dict[tuple[int, int], np.ndarray]   # (q_pos, k_pos) -> [query token, key token]
+    qk_default: tuple[int, int] | None      # the pair the page shows first
+    positional_qk: np.ndarray | None        # [query pos, key pos]
+    ov: np.ndarray                          # [source token, output logit]
+    eigenvalues: np.ndarray                 # [d_head] complex, of the full OV circuit
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.head}"
+
+
+@dataclass
+class MlpData:
+    """Layer 0's neuron maps and the MLP analysis (Fourier) when the Summary has one."""
+
+    neuron_inputs: np.ndarray               # [pos, token, neuron]: the head attends to the token at pos
+    token_inputs: np.ndarray                # [token, neuron]: the same without W_pos (a shift per pos)
+    neuron_logits: np.ndarray               # [neuron, output logit]
+    analysis: dict[str, Any] | None         # Summary["mlp"]: spectrum / key frequencies / progress
+
+
+@dataclass
+class ReportData:
+    title: str
+    run_dir: str | None
+    task: dict[str, Any]
+    config: dict[str, Any]                  # {"model": ..., "train": ..., "seed": ...}
+    metrics: list[dict[str, Any]]           # metrics.jsonl rows
+    summary: dict[str, Any]                 # qkov.analyze(...).to_dict()
+    token_labels: list[str]                 # per input token id (capped)
+    out_labels: list[str]                   # per output logit id (capped)
+    n_ctx: int
+    examples: list[Example]
+    heads: list[HeadData]
+    direct_path: np.ndarray                 # [token, output logit]
+    mlp: MlpData | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # -- the Summary's keys, read in one place ------------------------------------------
+    @property
+    def findings(self) -> list[dict[str, Any]]:
+        """``[{id, text, value}]``: the headline sentences and the numbers they state."""
+        return list(self.summary.get("findings", []))
+
+    @property
+    def eval(self) -> dict[str, Any]:
+        return self.summary.get("eval", {})
+
+    @property
+    def eval_groups(self) -> tuple[str | None, dict[str, dict[str, float]]]:
+        """``("length" | "position" | None, {group: {accuracy, loss, n}})``."""
+        for kind in ("length", "position"):
+            if f"by_{kind}" in self.eval:
+                return kind, self.eval[f"by_{kind}"]
+        return None, {}
+
+    @property
+    def composition(self) -> dict[str, Any] | None:
+        return self.summary.get("composition")
+
+    @property
+    def detector_names(self) -> list[str]:
+        """Head-detector score keys present in the Summary's ``heads`` (multi-layer models)."""
+        heads = self.summary.get("heads") or [{}]
+        return [k for k in heads[0] if k.endswith("_score") and k != "copying_score"]
+
+    @property
+    def model_cfg(self) -> dict[str, Any]:
+        return self.config["model"]
+
+
+# ------------------------------------------------------------------------- helpers
+def _labels(task, n: int, given: Sequence[str] | None) -> list[str]:
+    labels = list(given) if given is not None else list(task.token_labels())
+    return [str(labels[i]) if i < len(labels) else str(i) for i in range(n)]
+
+
+def _qk_pairs(n_ctx: int, limit: int) -> list[tuple[int, int]]:
+    """(query pos, key pos) pairs with key <= query; all of them when they fit in ``limit``,
+    else the last query position against every key, then each position against itself and its
+    predecessor (the pairs that max, add and induction circuits use)."""
+    every = [(q, k) for q in range(n_ctx) for k in range(q + 1)]
+    if len(every) <= limit:
+        return every
+    last = n_ctx - 1
+    picked = [(last, k) for k in range(n_ctx)]
+    for q in range(last - 1, -1, -1):
+        picked += [(q, q)] + ([(q, q - 1)] if q else [])
+    return sorted(dict.fromkeys(picked[: max(1, limit)]))
+
+
+def _resolve(run) -> tuple[Any, Any, Any, list[dict[str, Any]], Path | None]:
+    """(model, task, RunConfig, metrics, path) of a run directory, Run or LoadedRun."""
+    if isinstance(run, (str, Path)):
+        run = load_run(run)
+    for attr in ("model", "config", "metrics"):
+        if not hasattr(run, attr):
+            raise QkovError(f"cannot report on {type(run).__name__}: expected a run directory, qkov.Run or loaded run")
+    path = Path(run.path) if getattr(run, "path", None) is not None else None
+    return run.model, run.config.task, run.config, list(run.metrics), path
+
+
+# ------------------------------------------------------------------------- gather
+@torch.no_grad()
+def gather(
+    run,
+    summary: dict[str, Any] | None = None,
+    token_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    digits: int = 4,
+    max_tokens: int = MAX_TOKENS,
+    n_examples: int = N_EXAMPLES,
+) -> ReportData:
+    """Everything a report draws for ``run`` (a run directory, ``qkov.Run`` or ``load_run`` result).
+
+    ``summary``: a precomputed ``qkov.analyze(...).to_dict()`` (else it is computed here, with
+    the run directory for progress measures). ``token_labels`` overrides the task's labels.
+    """
+    model, task, rc, metrics, path = _resolve(run)
+    if summary is None:
+        summary = analyze(model, task, run_dir=path).to_dict()
+    w = circuits.weights(model)
+    cfg = model.cfg
+    nv, nout = min(w.d_vocab, max_tokens), min(w.d_vocab_out, max_tokens)
+    labels = _labels(task, w.d_vocab, token_labels)
+    notes = []
+    if w.d_vocab > max_tokens or w.d_vocab_out > max_tokens:
+        notes.append(f"Circuits over the vocabulary show its first {max_tokens} token ids.")
+
+    # Example inputs: the first few of the task's fixed eval set, every head's pattern on each.
+    batch = task.eval_batch()
+    toks = batch.tokens[:n_examples]
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(cfg.n_layers)]
+    _, cache = model.run_with_cache(toks, names=names)
+    pats = torch.stack([cache[n] for n in names], dim=1)                     # [b, L, H, q, k]
+    examples = [
+        Example(t.tolist(), [f"({i}) {labels[x]}" for i, x in enumerate(t.tolist())], _np(pats[b], 3))
+        for b, t in enumerate(toks)
+    ]
+
+    # Position-aware QK: as many (q, k) pairs per head as the page's budget allows.
+    n_heads_total = cfg.n_layers * cfg.n_heads
+    per_pair = nv * nv
+    limit = max(1, QK_PAIR_BUDGET // (per_pair * n_heads_total))
+    pairs = _qk_pairs(cfg.n_ctx, limit) if w.W_pos is not None else []
+    default = _default_pair(task, cfg.n_ctx) if pairs else None
+    if default is not None and default not in pairs:
+        pairs = sorted(set(pairs) | {default})
+    n_sq = min(w.d_vocab, w.d_vocab_out)
+    heads = []
+    rows = {(r["layer"], r["head"]): r for r in summary.get("heads", [])}
+    for l in range(cfg.n_layers):
+        for h in range(cfg.n_heads):
+            fov = circuits.full_ov(model, l, h)
+            eig = circuits.FactoredMatrix(fov.A[:n_sq], fov.B[:, :n_sq]).eigenvalues
+            heads.append(HeadData(
+                layer=l, head=h, scores=rows.get((l, h), {}),
+                qk=_np(circuits.full_qk(model, l, h).AB[:nv, :nv], digits),
+                qk_pairs={(q, k): _np(circuits.full_qk(model, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
+                qk_default=default,
+                positional_qk=_np(circuits.positional_qk(model, l, h), digits) if w.W_pos is not None else None,
+                ov=_np(fov.AB[:nv, :nout], digits),
+                eigenvalues=np.asarray(eig.detach().cpu().numpy(), dtype=np.complex128),
+            ))
+
+    mlp = None
+    if cfg.d_mlp is not None:
+        n_pos = cfg.n_ctx if w.W_pos is not None else 1
+        ni = torch.stack([circuits.neuron_inputs(model, 0, pos=p if w.W_pos is not None else None)
+                          for p in range(n_pos)])                             # [pos, v, m]
+        mlp = MlpData(_np(ni[:, :nv], digits), _np(circuits.neuron_inputs(model, 0)[:nv], digits),
+                      _np(circuits.neuron_logits(model, 0)[:, :nout], digits), summary.get("mlp"))
+
+    return ReportData(
+        title=title or f"qkov report: {task.name}" + (f" ({path})" if path else ""),
+        run_dir=str(path) if path else None,
+        task=task.to_dict(),
+        config={"model": rc.model.to_dict(), "train": rc.train.to_dict(), "seed": rc.seed},
+        metrics=metrics,
+        summary=summary,
+        token_labels=labels[:nv],
+        out_labels=_labels(task, w.d_vocab_out, token_labels)[:nout],
+        n_ctx=cfg.n_ctx,
+        examples=examples,
+        heads=heads,
+        direct_path=_np(circuits.direct_path(model).AB[:nv, :nout], digits),
+        mlp=mlp,
+        notes=notes,
+    )
+
+
+def _default_pair(task, n_ctx: int) -> tuple[int, int]:
+    """The (query, key) pair shown first: the last scored query position, attending to itself."""
+    scored = getattr(task, "scored_positions", None) or [n_ctx - 1]
+    q = min(int(scored[-1]), n_ctx - 1)
+    return (q, q)
+
+
+# ------------------------------------------------------------------ Summary readers
+def finding(summary: dict[str, Any], id: str) -> dict[str, Any] | None:
+    """The finding ``{id, text, value}`` with this id, or None."""
+    return next((f for f in summary.get("findings", []) if f.get("id") == id), None)
+
+
+def dominant_frequencies(summary: dict[str, Any]) -> list[dict[str, float]]:
+    """``[{k, period, share, neurons}]`` of a token-spectrum MLP analysis (add, fib), strongest first."""
+    mlp = summary.get("mlp") or {}
+    return list(mlp.get("dominant_frequencies", [])) if mlp.get("kind") == "token_spectrum" else []
+
+
+def spectrum_rows(mlp: dict[str, Any]) -> list[dict[str, float]]:
+    """``[{k, period, share}]`` of a token-spectrum MLP analysis, every frequency."""
+    n = mlp["n_tokens"]
+    return [{"k": i + 1, "period": n / (i + 1), "share": s} for i, s in enumerate(mlp["spectrum"])]
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

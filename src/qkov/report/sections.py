@@ -1,0 +1,175 @@
+"""What a report shows, in which order, and what each figure means: sections of figures.
+
+:func:`sections` reads a :class:`~qkov.report.data.ReportData` and lists the page's sections,
+each with a short explanation of what to look for and its named figures. A section appears only
+when its analysis exists for the model (composition for 2+ layers, neuron maps for MLP models,
+Fourier spectra and progress measures when the Summary holds them), never as a placeholder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import plotly.graph_objects as go
+
+from . import figures as F
+from .data import ReportData, spectrum_rows
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    explain: str
+    figures: list[tuple[str, go.Figure]] = field(default_factory=list)   # (name, figure)
+    tables: list[tuple[str, list[tuple[str, Any]]]] = field(default_factory=list)  # (caption, rows)
+
+
+def _model_card(d: ReportData) -> Section:
+    s = Section(
+        "model-card", "Model card",
+        "The task, the model's shape and how it was trained, with its accuracy and loss on the task's fixed "
+        "evaluation set. Check that accuracy is uniform across lengths or positions before reading circuits: a "
+        "circuit explains what a model does, not what it was meant to do.",
+    )
+    s.tables.append(("task", list(d.task.items())))
+    s.tables.append(("model", list(d.config["model"].items())))
+    s.tables.append(("training", list(d.config["train"].items()) + [("seed", d.config["seed"])]))
+    ev = [(k, v) for k, v in d.eval.items() if not isinstance(v, dict)]
+    s.tables.append(("evaluation", ev))
+    if d.metrics:
+        s.figures.append(("training-curves", F.training_curves(d.metrics)))
+    kind, groups = d.eval_groups
+    if groups:
+        s.figures.append((f"eval-by-{kind}", F.eval_by_group(kind, groups)))
+    return s
+
+
+def _attention(d: ReportData) -> Section:
+    s = Section(
+        "attention", "Attention patterns",
+        "Where each head looks on a few inputs from the evaluation set: row q shows how query position q spreads "
+        "its attention over key positions 0..q (each row sums to 1; attention is causal). Axes read "
+        "(position) token; a head that solves the task by lookup puts its weight on the key that holds the answer.",
+    )
+    for h in d.heads:
+        s.figures.append((f"attention-{h.name}", F.attention_patterns(d.examples, h.layer, h.head)))
+    return s
+
+
+def _qk(d: ReportData) -> Section:
+    s = Section(
+        "qk", "QK circuits: where heads attend",
+        "The full QK circuit gives the attention score a query token assigns to a key token along the direct "
+        "path, before the softmax. Without positions it shows token preferences alone; with positions (pick a "
+        "query/key position pair from the dropdown) it is the score the model actually computes at those "
+        "positions, e.g. for max, keys scored in increasing order of value in each row. The positional circuit "
+        "shows the preference of query positions for key positions, independent of tokens.",
+    )
+    for h in d.heads:
+        s.figures.append((f"qk-{h.name}", F.full_qk(h, d.token_labels)))
+        if h.qk_pairs:
+            s.figures.append((f"qk-positions-{h.name}", F.full_qk_positions(h, d.token_labels)))
+        if h.positional_qk is not None:
+            s.figures.append((f"positional-qk-{h.name}", F.positional_qk(h)))
+    return s
+
+
+def _ov(d: ReportData) -> Section:
+    s = Section(
+        "ov", "OV circuits: what heads write",
+        "The full OV circuit shows what attending to a token does to each output logit. A copying head has a "
+        "bright diagonal: attending to token t raises logit t. Its eigenvalues tell the same story in one number: "
+        "positive real eigenvalues mean copying, and the copying score Re(Σλ)/Σ|λ| is 1 for a perfect copier.",
+    )
+    for h in d.heads:
+        s.figures.append((f"ov-{h.name}", F.full_ov(h, d.token_labels, d.out_labels)))
+        s.figures.append((f"eigenvalues-{h.name}", F.eigenvalues(h)))
+    return s
+
+
+def _direct(d: ReportData) -> Section:
+    return Section(
+        "direct-path", "Direct path",
+        "W_E W_U: the logits each token writes at its own position without passing through any layer (the "
+        "zero-layer term of the path expansion, close to bigram statistics). For tasks whose answer is not the "
+        "current token it is usually weak or a bias towards common answers.",
+        [("direct-path", F.direct_path(d.direct_path, d.token_labels, d.out_labels))],
+    )
+
+
+def _composition(d: ReportData) -> Section | None:
+    if not d.composition:
+        return None
+    cfg = d.model_cfg
+    return Section(
+        "composition", "Composition between layers",
+        "How strongly a later head's query (Q), key (K) or value (V) reads what an earlier head wrote: "
+        "‖W_A W_B‖_F / (‖W_A‖_F ‖W_B‖_F). An induction circuit shows as K-composition from a previous-token head "
+        "in layer 0 into an induction head in layer 1; random matrices of these shapes score well above 0, so compare "
+        "entries with each other.",
+        [("composition", F.composition(d.composition, cfg["n_layers"], cfg["n_heads"]))],
+    )
+
+
+def _detectors(d: ReportData) -> Section | None:
+    names = d.detector_names
+    if not names:
+        return None
+    return Section(
+        "detectors", "Head detectors",
+        "The average attention each head pays to the position a detector expects, on random repeated "
+        "sequences [x, x]: the previous token, an earlier copy of the current token (duplicate token), or the "
+        "token after an earlier copy (induction). Scores near 1 name a head's job.",
+        [("detectors", F.head_detectors(d.summary["heads"], names))],
+    )
+
+
+def _mlp(d: ReportData) -> Section | None:
+    if d.mlp is None:
+        return None
+    return Section(
+        "mlp", "MLP neurons",
+        "What each layer-0 neuron receives through the attention head's OV circuit when the head attends to a "
+        "token (pick the attended position from the dropdown), and one neuron at a time with the slider. Smooth "
+        "waves across token values are periodic neurons: the model computes with cos and sin of the numbers. "
+        "The neuron → logit map shows what each neuron's activation adds to every answer.",
+        [("neuron-inputs", F.neuron_inputs(d.mlp, d.token_labels)),
+         ("neuron-picker", F.neuron_picker(d.mlp, d.token_labels)),
+         ("neuron-logits", F.neuron_logits(d.mlp, d.out_labels))],
+    )
+
+
+def _fourier(d: ReportData) -> Section | None:
+    a = d.mlp.analysis if d.mlp is not None else None
+    if not a:
+        return None
+    s = Section("fourier", "Fourier picture", "")
+    if a.get("kind") == "token_spectrum" and a.get("spectrum"):
+        dominant = [f["k"] for f in a.get("dominant_frequencies", [])]
+        s.explain = (
+            "The Fourier power of the neuron inputs as a function of the attended token's value, summed over "
+            "neurons. A few tall bars mean neurons are periodic in the token with those frequencies (period = "
+            "token range / k); the dominant ones are red."
+        )
+        s.figures.append(("spectrum", F.token_spectrum(spectrum_rows(a), dominant)))
+    elif a.get("kind") == "fourier_zp":
+        s.explain = (
+            "Each neuron's activation over all (a, b) inputs, in the Fourier basis of Z_p: neurons cluster on a few "
+            "key frequencies, and the logits are close to a sum of cos(w_k(a + b − c)) over them. Progress measures "
+            "over checkpoints show memorisation, circuit formation (excluded loss rises) and clean-up (weights "
+            "shrink, test loss falls)."
+        )
+        if a.get("clusters"):
+            s.figures.append(("key-frequencies", F.key_frequency_clusters(a["clusters"])))
+    if a.get("progress"):
+        s.figures.append(("progress", F.progress_measures(a["progress"])))
+    return s if s.figures else None
+
+
+def sections(d: ReportData) -> list[Section]:
+    """The report's sections for ``d``, in page order, skipping analyses the model has not got."""
+    out = [_model_card(d), _attention(d), _qk(d), _ov(d), _direct(d),
+           _composition(d), _detectors(d), _mlp(d), _fourier(d)]
+    return [s for s in out if s is not None]

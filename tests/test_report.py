@@ -1,0 +1,203 @@
+"""HTML reports without a browser: content, escaping, size, errors, PNGs and the tour.
+
+The browser checks (figures render, dropdowns work, no network) are in test_browser.py.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+from plotly.offline import get_plotlyjs
+
+import qkov
+import qkov.report
+from qkov.tour import tour
+from qkov.cli import main
+from qkov.report import data as report_data
+from qkov.report import figures, gather, sections, write_report
+
+MAX_STEPS, ADD_STEPS = 200, 30
+EVIL = "<script>window.__qkov_pwned = 1</script>"
+
+
+@pytest.fixture(scope="module")
+def max_run(short_trained):
+    return short_trained("max", MAX_STEPS)
+
+
+@pytest.fixture(scope="module")
+def max_report(max_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "max.html"
+    t0 = time.perf_counter()
+    write_report(max_run.path, out=out)
+    return out, time.perf_counter() - t0
+
+
+def _findings_in_page(page: str) -> list[tuple[str, float, str]]:
+    items = re.findall(r'<li class="finding" data-id="([^"]+)" data-value="([^"]+)">([^<]*)</li>', page)
+    return [(i, float(json.loads(v.replace("&quot;", '"'))), t) for i, v, t in items]
+
+
+def test_round_sig_and_rel_doctests():
+    assert doctest.testmod(report_data).failed == 0
+    x = np.array([0.000123456, -98.7654, 3.0])
+    assert report_data.round_sig(x).tolist() == [0.0001235, -98.77, 3.0]
+    assert report_data.round_rel(x).tolist() == [0.0, -98.77, 3.0]
+
+
+def test_max_report_is_small_fast_and_offline(max_report):
+    out, seconds = max_report
+    page = out.read_text()
+    size = out.stat().st_size
+    assert size < 10e6, f"report is {size / 1e6:.1f} MB"
+    assert seconds < 15, f"report took {seconds:.1f} s (target 5 s on an idle machine)"
+    assert page.count("plotly.js v") == 1                      # plotly.js embedded once
+    html_only = page.replace(get_plotlyjs(), "")                 # plotly.js's own code holds URL strings
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:|//|ftp:|wss?:)""", html_only, re.I)
+    assert not re.search(r"<(link|iframe|img|object|embed)\b", html_only) and "@import" not in html_only
+    # every figure has its container and its JSON
+    ids = re.findall(r'<div class="qkov-figure" id="([^"]+)"', page)
+    assert len(ids) == len(set(ids)) >= 9
+    for fid in ids:
+        assert f'id="{fid}-json"' in page
+
+
+def test_max_report_sections_and_findings(max_run, max_report):
+    out, _ = max_report
+    page = out.read_text()
+    summary = qkov.analyze(max_run.model, max_run.task, run_dir=max_run.path).to_dict()
+    got = _findings_in_page(page)
+    assert [(i, v) for i, v, _ in got] == [(f["id"], f["value"]) for f in summary["findings"]]
+    assert [t for _, _, t in got] == [f["text"] for f in summary["findings"]]
+    for sid in ("findings", "model-card", "attention", "qk", "ov", "direct-path"):
+        assert f'<section id="{sid}">' in page
+    for absent in ("composition", "detectors", "mlp", "fourier"):   # a 1-layer attention-only model
+        assert f'<section id="{absent}">' not in page
+    for fid in ("fig-training-curves", "fig-eval-by-length", "fig-attention-0-0", "fig-qk-0-0",
+                "fig-qk-positions-0-0", "fig-positional-qk-0-0", "fig-ov-0-0", "fig-eigenvalues-0-0"):
+        assert f'id="{fid}"' in page
+
+
+def test_gather_draws_the_circuits(max_run):
+    d = gather(max_run)
+    h = d.heads[0]
+    model = max_run.model
+    dense = qkov.circuits.full_qk(model, 0, 0, 5, 3).AB.double().numpy()
+    np.testing.assert_allclose(h.qk_pairs[(5, 3)], dense, atol=1e-3 * np.abs(dense).max())
+    ov = qkov.circuits.full_ov(model, 0, 0).AB.double().numpy()
+    np.testing.assert_allclose(h.ov, ov, atol=1e-3 * np.abs(ov).max())
+    assert set(h.qk_pairs) == {(q, k) for q in range(6) for k in range(q + 1)}
+    assert h.qk_default == (5, 5)
+    assert d.examples[0].labels[0].startswith("(0) ")
+    assert h.eigenvalues.shape == (32,)                           # d_head non-trivial eigenvalues
+    # the dropdown carries every pair and starts on the default one
+    fig = figures.full_qk_positions(h, d.token_labels)
+    menu = fig.layout.updatemenus[0]
+    assert len(menu.buttons) == 21 and menu.buttons[menu.active].label == "query pos 5, key pos 5"
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z), h.qk_pairs[(5, 5)])
+
+
+def test_labels_and_titles_are_escaped(max_run, tmp_path):
+    labels = [EVIL if i == 3 else f"<b>{i}</b>" if i == 4 else str(i) for i in range(64)]
+    out = write_report(max_run, out=tmp_path / "evil.html", token_labels=labels, title='<img src=x onerror="alert(1)">')
+    page = out.read_text()
+    assert EVIL not in page and "<b>4</b>" not in page and "<img" not in page
+    assert "&lt;img src=x" in page                               # the title shows as text
+    # inside figure JSON the label is plotly-escaped text, and no "<" can close the script tag
+    assert "&lt;script&gt;window.__qkov_pwned" in page.replace("\\u0026", "&")
+
+
+def test_add_report_has_mlp_sections(short_trained, tmp_path):
+    run = short_trained("add", ADD_STEPS)
+    d = gather(run)
+    assert d.mlp is not None and d.mlp.neuron_inputs.shape == (2, 128, 128)
+    names = {s.id: [n for n, _ in s.figures] for s in sections(d)}
+    assert names["mlp"] == ["neuron-inputs", "neuron-picker", "neuron-logits"]
+    assert names["fourier"] == ["spectrum"]
+    assert "composition" not in names
+    picker = figures.neuron_picker(d.mlp, d.token_labels)
+    assert len(picker.layout.sliders[0].steps) == 128
+    np.testing.assert_array_equal(np.asarray(picker.layout.sliders[0].steps[7].args[0]["y"][0]), d.mlp.token_inputs[:, 7])
+
+
+def test_two_layer_model_has_composition_and_detectors(tmp_path):
+    task = qkov.get_task("induction", n_ctx=12, min_seg=2, max_seg=6)
+    run = qkov.train(task, train_config=task.train_config().replace(steps=2, eval_every=1), quiet=True)
+    out = write_report(run, out=tmp_path / "induction.html")
+    page = out.read_text()
+    for sid in ("composition", "detectors"):
+        assert f'<section id="{sid}">' in page
+    assert 'id="fig-qk-positions-1-1"' in page
+
+
+def test_modadd_report_draws_progress_measures(tmp_path):
+    task = qkov.get_task("modadd", p=7)
+    run = qkov.train(task, out=tmp_path / "run", quiet=True,
+                     train_config=task.train_config().replace(steps=20, checkpoint_every=10, eval_every=10))
+    d = gather(run)
+    ids = [n for s in sections(d) for n, _ in s.figures]
+    assert "progress" in ids
+    assert d.out_labels == [str(i) for i in range(7)] and d.token_labels[-1] == "="
+
+
+def test_in_memory_run_needs_an_output_path(tmp_path):
+    run = qkov.train("max", train_config=qkov.get_task("max").train_config().replace(steps=2), quiet=True)
+    with pytest.raises(qkov.QkovError, match="out=PATH"):
+        write_report(run)
+    assert write_report(run, out=tmp_path / "r.html").is_file()
+
+
+def test_cli_report_writes_and_refuses_bad_input(max_run, tmp_path, capsys):
+    out = tmp_path / "sub" / "r.html"
+    assert main(["report", str(max_run.path), "-o", str(out)]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out
+    # a missing run directory: one line, exit 2, nothing written
+    assert main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qkov: ") and "does not exist" in err
+    assert not (tmp_path / "x.html").exists()
+    # a folder as the output file
+    assert main(["report", str(max_run.path), "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    # a run directory without a model
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((max_run.path / "config.json").read_text())
+    assert main(["report", str(broken)]) == 2
+    assert not (broken / "report.html").exists()
+    assert not list(tmp_path.rglob(".*.tmp"))                 # no temporary files left behind
+
+
+def test_png_figures(max_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = write_report(max_run, out=tmp_path / "r.html", png=tmp_path / "png")
+    pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    page = out.read_text()
+    assert len(pngs) == page.count('class="qkov-figure"')
+    assert {"qk-positions-0-0.png", "ov-0-0.png", "attention-0-0.png"} <= set(pngs)
+    for p in (tmp_path / "png").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_tour_trains_then_reuses(tmp_path):
+    result = tour(tmp_path / "tour", steps=20, quiet=True, tasks=("max", "add", "fib"))
+    assert [x.task for x in result.entries] == ["max", "add", "fib"]
+    assert not any(x.reused for x in result.entries)
+    index = result.index.read_text()
+    for x in result.entries:
+        assert x.report.is_file()
+        assert f'href="{x.task}/report.html"' in index
+        for f in x.summary["findings"]:
+            assert qkov.report.html.e(f["text"]) in index
+    assert result.frequency_overlap is not None and 0 <= result.frequency_overlap <= 1
+    assert f"{100 * result.frequency_overlap:.2f}%" in index
+    again = tour(tmp_path / "tour", steps=20, quiet=True, tasks=("max", "add", "fib"))
+    assert all(x.reused for x in again.entries)
+    # a run with another setup in the tour folder is never overwritten
+    with pytest.raises(qkov.QkovError, match="different setup"):
+        tour(tmp_path / "tour", steps=21, quiet=True, tasks=("max",))
