@@ -90,64 +90,69 @@ class _TableForward:
         """Row ``i*V + t`` of a table over (scored position i, token t), per example."""
         return torch.arange(len(self.positions)) * V + tokens[:, self.pos_idx]   # [b, p]
 
-    def _mix(self, tokens: Tensor, pattern: Tensor, ov_tab: Tensor, skip_tab: Tensor) -> Tensor:
+    def _mix(self, tokens: Tensor, pattern: Tensor, tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
         """``Σ_(k,h) pattern · ov_tab[k, token_k, h] + skip_tab[p, token_p]`` per (example, scored position).
 
-        One weighted bag per (example, scored position) for ``embedding_bag``: the value-table
-        rows ``(k*V + token_k)*h + head`` weighted by the pattern, then the query token's skip
-        row (weight 1), which follows the value table. Rows increase along each bag.
+        ``tables`` holds ``(ov_tab [k, V, h, w], skip_tab [p, V, w])`` pairs that share the same
+        mixing (one output ``[b*p, w]`` each). One weighted bag per (example, scored position):
+        the value-table rows ``(k*V + token_k)*h + head`` weighted by the pattern, then the query
+        token's skip row (weight 1), which follows the value table. Rows increase along each bag.
         """
         B, P, nk, h = pattern.shape
-        V = ov_tab.shape[1]
-        table = torch.cat([ov_tab.reshape(nk * V * h, -1), skip_tab.reshape(P * V, -1)])   # [rows, w]
+        V = tables[0][0].shape[1]
         kv = (torch.arange(nk) * V + tokens[:, :nk]) * h                       # [b, k]
         rows = (kv[:, :, None] + torch.arange(h)).reshape(B, 1, nk * h).expand(B, P, nk * h)
         skip = nk * V * h + self._query_rows(tokens, V)                        # [b, p]
         rows = torch.cat([rows, skip[..., None]], dim=-1)                      # [b, p, k*h + 1]
         weights = torch.cat([pattern.reshape(B, P, nk * h), pattern.new_ones(B, P, 1)], dim=-1)
-        return _WeightedBag.apply(weights.reshape(B * P, -1), table, rows.reshape(B * P, -1))   # [b*p, w]
+        flat = [torch.cat([ov.reshape(nk * V * h, -1), sk.reshape(P * V, -1)]) for ov, sk in tables]
+        return _WeightedBag.apply(weights.reshape(B * P, -1), rows.reshape(B * P, -1), *flat)
 
 
 class _WeightedBag(torch.autograd.Function):
-    """``out[i] = Σ_j weights[i, j] · table[rows[i, j]]``, i.e. ``F.embedding_bag`` (mode sum).
+    """``out[i] = Σ_j weights[i, j] · table[rows[i, j]]`` for each table: ``F.embedding_bag`` (sum).
 
     Torch's own backward for ``per_sample_weights`` is slow on CPU, so this one is written out:
     the weights' gradient is ``grad @ tableᵀ`` sampled at the bag entries (a sparse
-    ``sampled_addmm``), and the table's gradient is itself an embedding_bag, with one bag per
-    table row holding the examples that read it. ``rows`` must increase along each bag.
+    ``sampled_addmm``), and a table's gradient is itself an embedding_bag, with one bag per
+    table row holding the examples that read it. ``rows`` must increase along each bag. Several
+    tables mixed by the same bags give separate outputs (no concatenated output to split).
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, table: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(weights, table, rows)
-        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+    def forward(ctx, weights: Tensor, rows: Tensor, *tables: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(weights, rows, *tables)
+        return tuple(F.embedding_bag(rows, t, per_sample_weights=weights, mode="sum") for t in tables)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        weights, table, rows = ctx.saved_tensors
+    def backward(ctx, *grads: Tensor):
+        weights, rows, *tables = ctx.saved_tensors
         n, s = rows.shape
-        n_rows = table.shape[0]
-        grad = grad.contiguous()
-        g_weights = g_table = None
+        n_rows = tables[0].shape[0]
+        flat = rows.reshape(-1)
+        g_weights = None
         if ctx.needs_input_grad[0]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                bags = torch.sparse_csr_tensor(
-                    torch.arange(0, n * s + 1, s), rows.reshape(-1), weights.reshape(-1), size=(n, n_rows)
-                )
-                g_weights = torch.sparse.sampled_addmm(bags, grad, table.T, beta=0.0).values().view(n, s)
-        if ctx.needs_input_grad[1]:
-            flat = rows.reshape(-1)
+                bags = torch.sparse_csr_tensor(torch.arange(0, n * s + 1, s), flat, weights.reshape(-1), size=(n, n_rows))
+                for grad, table in zip(grads, tables):
+                    g = torch.sparse.sampled_addmm(bags, grad.contiguous(), table.T, beta=0.0).values()
+                    g_weights = g if g_weights is None else g_weights + g
+            g_weights = g_weights.view(n, s)
+        g_tables = [None] * len(tables)
+        if any(ctx.needs_input_grad[2:]):
             order = flat.argsort()
             offsets = torch.zeros(n_rows, dtype=torch.long)
             offsets[1:] = torch.bincount(flat, minlength=n_rows)[:-1].cumsum(0)
-            g_table = F.embedding_bag(order // s, grad, offsets, mode="sum",
-                                      per_sample_weights=weights.reshape(-1)[order])   # [n_rows, w]
-        return g_weights, g_table, None
+            bag_of, w = order // s, weights.reshape(-1)[order]
+            for i, grad in enumerate(grads):
+                if ctx.needs_input_grad[2 + i]:
+                    g_tables[i] = F.embedding_bag(bag_of, grad.contiguous(), offsets, mode="sum", per_sample_weights=w)
+        return (g_weights, None, *g_tables)
 
 
 class _PushedForward(_TableForward):
-    """No LayerNorm: values pushed through ``W_O [W_in | W_U]``; one embedding_bag per step."""
+    """No LayerNorm: values pushed through ``W_O W_in`` and ``W_O W_U``, mixed by embedding_bags."""
 
     def __call__(self, tokens: Tensor) -> Tensor:
         model, block = self.model, self.block
@@ -159,23 +164,20 @@ class _PushedForward(_TableForward):
         x_tab = W_E[None] + W_pos[:, None]                                      # [n, V, d]
         pattern, v_tab = self._attention(tokens, x_tab)                         # [b, p, k, h], [k, V, h, e]
         attn = block.attn
-        has_mlp = hasattr(block, "mlp")
-        # Where a unit of residual stream goes: the MLP's input and the direct path to the logits.
-        read = torch.cat([block.mlp.W_in, W_U], dim=1) if has_mlp else W_U     # [d, m + v]
-        ov_read = torch.einsum("hed,dr->her", attn.W_O, read)                   # [h, e, m + v]
-        ov_tab = torch.einsum("kvhe,her->kvhr", v_tab, ov_read)                 # [k, V, h, m + v]
+        x_q = x_tab[self.pos_idx]                                               # [p, V, d]
+        ov_U = torch.einsum("hed,dc->hec", attn.W_O, W_U)                        # [h, e, v_out]
+        W_U_tab = (torch.einsum("kvhe,hec->kvhc", v_tab, ov_U),                   # [k, V, h, v_out] direct path
+                   x_q @ W_U + (attn.b_O @ W_U + model.unembed.b_U))             # [p, V, v_out]
+        if not hasattr(block, "mlp"):
+            (logits,) = self._mix(tokens, pattern, [W_U_tab])
+            return logits.view(B, P, -1)
+        mlp = block.mlp
         # The skip row enters every bag once with weight 1, so constant terms ride along in it.
-        const = attn.b_O @ read                                                 # [m + v]
-        if has_mlp:
-            mlp = block.mlp
-            const = const + torch.cat([mlp.b_in, mlp.b_out @ W_U + model.unembed.b_U])
-        else:
-            const = const + model.unembed.b_U
-        skip_tab = x_tab[self.pos_idx] @ read + const                           # [p, V, m + v]
-        mixed = self._mix(tokens, pattern, ov_tab, skip_tab)                    # [b*p, m + v]
-        if not has_mlp:
-            return mixed.view(B, P, -1)
-        pre, direct = mixed.split([mlp.W_in.shape[1], W_U.shape[1]], dim=1)     # [b*p, m], [b*p, v]
+        ov_in = torch.einsum("hed,dm->hem", attn.W_O, mlp.W_in)                  # [h, e, m]
+        W_in_tab = (torch.einsum("kvhe,hem->kvhm", v_tab, ov_in),                 # [k, V, h, m]
+                    x_q @ mlp.W_in + (attn.b_O @ mlp.W_in + mlp.b_in))            # [p, V, m]
+        W_U_tab = (W_U_tab[0], W_U_tab[1] + mlp.b_out @ W_U)
+        pre, direct = self._mix(tokens, pattern, [W_in_tab, W_U_tab])            # [b*p, m], [b*p, v]
         logits = mlp.act(pre) @ (mlp.W_out @ W_U) + direct                      # [b*p, v]
         return logits.view(B, P, -1)
 
@@ -194,7 +196,8 @@ class _ResidForward(_TableForward):
         pattern, v_tab = self._attention(tokens, block.ln1(resid_tab))          # [b, p, k, h], [k, V, h, e]
         attn = block.attn
         ov_tab = torch.einsum("kvhe,hed->kvhd", v_tab, attn.W_O)                # [k, V, h, d]
-        resid = self._mix(tokens, pattern, ov_tab, resid_tab[self.pos_idx]) + attn.b_O   # [b*p, d] resid_mid
+        (resid,) = self._mix(tokens, pattern, [(ov_tab, resid_tab[self.pos_idx])])
+        resid = resid + attn.b_O                                                # [b*p, d] resid_mid
         if hasattr(block, "mlp"):
             mlp = block.mlp
             resid = resid + mlp.act(block.ln2(resid) @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
