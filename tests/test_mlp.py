@@ -60,3 +60,24 @@ def test_bad_arguments_are_one_line_errors(model):
     for fn in (neuron_inputs, skip_inputs, neuron_logits):
         with pytest.raises(qkov.QkovError, match="attention-only"):
             fn(attn_only)
+
+
+def test_neuron_activations_cover_every_input_at_the_scored_positions():
+    from qkov import fourier
+    from qkov.mlp_acts import neuron_activations
+
+    task = qkov.get_task("fib", max_value=20)
+    model = qkov.Transformer(task.model_config(), seed=1)
+    tokens, acts = neuron_activations(model, task)
+    assert torch.equal(tokens, task.dataset("all").tokens)
+    _, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(acts, cache["blocks.0.mlp.hook_post"][:, [1, 2, 3]])
+
+    task = qkov.get_task("modadd", p=7)
+    model = qkov.Transformer(task.model_config(), seed=1)
+    grid = fourier.neuron_grid(model, task)                                     # [a, b, neuron]
+    _, cache = model.run_with_cache(torch.tensor([[3, 5, 7]]))
+    torch.testing.assert_close(grid[3, 5].float(), cache["blocks.0.mlp.hook_post"][0, 2])
+
+    with pytest.raises(qkov.QkovError, match="finite task"):
+        neuron_activations(model, qkov.get_task("max"))

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .circuits.mlp import neuron_inputs
 from .errors import QkovError
+from .mlp_acts import neuron_activations
 
 FVE_THRESHOLD = 0.85  # the paper's bar for a neuron "well explained" by one frequency
 
@@ -120,19 +121,12 @@ def pair_logits(model, task) -> Tensor:
     return model(tokens)[:, pos, :p].reshape(p, p, p).double()
 
 
-@torch.no_grad()
 def neuron_grid(model, task, layer: int = 0) -> Tensor:
     """``[p, p, d_mlp]``: MLP activations (``hook_post``) at the answer position for every (a, b)."""
-    tokens, _, pos = _all_pairs(task)
+    _all_pairs(task)
     p = _residue_p(task)
-    name = f"blocks.{layer}.mlp.hook_post"
-    if hasattr(getattr(model, "cfg", None), "normalization"):                   # qkov
-        _, cache = model.run_with_cache(tokens, names=[name])
-    else:                                                                       # TransformerLens
-        _, cache = model.run_with_cache(tokens, names_filter=name)
-    if name not in cache:
-        raise QkovError(f"the model recorded no {name}; neuron analysis needs an MLP in layer {layer}")
-    return cache[name][:, pos].reshape(p, p, -1).double()
+    _, acts = neuron_activations(model, task, layer)                             # [p*p, 1, m]
+    return acts[:, -1].reshape(p, p, -1).double()
 
 
 # ----------------------------------------------------------- neurons and key frequencies
