@@ -201,3 +201,12 @@ def test_tour_trains_then_reuses(tmp_path):
     # a run with another setup in the tour folder is never overwritten
     with pytest.raises(qkov.QkovError, match="different setup"):
         tour(tmp_path / "tour", steps=21, quiet=True, tasks=("max",))
+
+
+def test_cli_tour_refuses_a_file_as_its_folder(tmp_path, capsys):
+    target = tmp_path / "notadir"
+    target.write_text("x")
+    assert main(["tour", "-o", str(target), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err
+    assert target.read_text() == "x"

@@ -38,8 +38,9 @@ TOUR_TASKS = ("max", "add", "fib")
 INTRO = {
     "max": ("Max of a list",
             "One attention head, no MLP, predicts the largest of up to six numbers. The walkthrough's claim: the "
-            "QK circuit alone barely prefers larger tokens, but once the positional embeddings are added it ranks "
-            "keys by value, so the last position attends to the maximum; the OV circuit then copies that token."),
+            "QK circuit prefers larger key tokens, cleanly so once the positional embeddings are added (compare "
+            "the rank correlations with and without positions), so the last position attends to the maximum; the "
+            "OV circuit then copies that token to the output."),
     "add": ("Addition",
             "One attention head and one MLP layer add two numbers. The walkthrough's claim: the MLP neurons read "
             "the attended token through periodic functions of its value, so the sum is computed with waves."),
@@ -165,10 +166,12 @@ def _story(entry: TourEntry, result: TourResult) -> list[str]:
     s = entry.summary
     lines = [f["text"] for f in s.get("findings", [])]
     freqs = dominant_frequencies(s)
-    if freqs:
+    stated = finding(s, "dominant_frequency") is not None          # the findings already name the top one
+    rest = freqs[1:3] if stated else freqs[:3]
+    if rest:
         top = ", ".join(f"k = {f['k']} (period {f['period']:.1f} tokens, {_pct(f['share'])} of the power)"
-                        for f in freqs[:3])
-        lines.append(f"The neuron inputs are periodic in the attended token; the strongest frequencies are {top}.")
+                        for f in rest)
+        lines.append(f"{'Next strongest' if stated else 'Strongest'} neuron-input frequencies: {top}.")
     if entry.task == "fib" and result.frequency_overlap is not None:
         shared = ", ".join(str(k) for k in result.shared_frequencies) or "none of the top five"
         lines.append(
