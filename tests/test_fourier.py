@@ -153,7 +153,7 @@ def test_input_spectrum_finds_the_planted_period():
         model.blocks[0].mlp.W_in.zero_()
         model.blocks[0].mlp.W_in[0, :4] = 1.0                               # neurons 0-3 read the period-16 wave
         model.blocks[0].mlp.W_in[1, 4:] = 1.0                               # neurons 4-5 the period-43 one
-    spec = fourier.neuron_input_spectrum(model)
+    spec = fourier.neuron_input_spectrum(model, detrend=False)
     assert spec.dominant.tolist() == [8, 8, 8, 8, 3, 3]
     torch.testing.assert_close(spec.dominant_share, torch.ones(6, dtype=torch.float64))
     top = spec.top(2)
@@ -164,6 +164,16 @@ def test_input_spectrum_finds_the_planted_period():
     assert 0.0 <= fourier.frequency_overlap(spec, other) < 0.5
     with pytest.raises(qkov.QkovError, match="different token ranges"):
         fourier.frequency_overlap(spec, fourier.neuron_input_spectrum(other, n_tokens=100))
+    # A straight line in the token is not a period: detrending removes it and keeps the wave.
+    with torch.no_grad():
+        model.embed.W_E[:, 1] = t / 128                                     # neurons 4-5 now read a ramp
+        model.embed.W_E[:, 0] += t / 32                                     # neurons 0-3: wave + ramp
+    spec = fourier.neuron_input_spectrum(model)
+    assert spec.dominant[:4].tolist() == [8, 8, 8, 8]
+    assert spec.dominant_share[:4].min() > 0.99
+    assert spec.linear_share[4:].min() == pytest.approx(1.0)
+    assert 0.6 < float(spec.linear_share[0]) < 0.85                        # ramp variance 4/3, wave 1/2
+    assert fourier.neuron_input_spectrum(model, detrend=False).dominant[:4].tolist() == [1, 1, 1, 1]
 
 
 # ------------------------------------------------------------- a grokked model

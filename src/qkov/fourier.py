@@ -286,10 +286,11 @@ class InputSpectrum:
     """Fourier power of each neuron's input as a function of the attended token (0..n_tokens-1)."""
 
     n_tokens: int
-    power: Tensor           # [n_freqs, d_mlp] power at frequencies 1..⌊n/2⌋ (token mean removed)
+    power: Tensor           # [n_freqs, d_mlp] power at frequencies 1..⌊n/2⌋ (mean, and trend if removed)
     dominant: Tensor        # [d_mlp] each neuron's strongest frequency (0: constant input)
     dominant_share: Tensor  # [d_mlp] the share of that neuron's power it holds
     spectrum: Tensor        # [n_freqs] the model's power per frequency, summing to 1
+    linear_share: Tensor    # [d_mlp] share of each neuron's input variance that is a straight line in t
 
     def top(self, n: int = 5) -> list[dict[str, float]]:
         """The ``n`` frequencies with most power: ``{k, period, share, neurons}`` each."""
@@ -302,26 +303,39 @@ class InputSpectrum:
         ]
 
 
-def neuron_input_spectrum(model, n_tokens: int | None = None, layer: int = 0, head: int | None = None) -> InputSpectrum:
+def neuron_input_spectrum(
+    model, n_tokens: int | None = None, layer: int = 0, head: int | None = None, detrend: bool = True
+) -> InputSpectrum:
     """Frequencies in the neuron-input map ``W_E W_V W_O W_in`` as a function of the token value.
 
-    The map's column for each neuron is a function of the attended token ``t = 0..n_tokens-1``
-    (default: the whole vocabulary); its real Fourier transform over t, with the mean removed,
-    gives the power at each frequency k (period ``n_tokens / k`` tokens).
+    Each neuron's column of the map is a function of the attended token ``t = 0..n_tokens-1``
+    (default: the whole vocabulary). Token values are not residues, so a straight line in t is
+    not periodic, yet its transform leaks power into every frequency (as 1/k²): by default the
+    least-squares line is removed first (its share of the variance is ``linear_share``). The
+    real Fourier transform over t of what remains gives the power at each frequency k (period
+    ``n_tokens / k`` tokens).
     """
     ni = neuron_inputs(model, layer=layer, head=head).double()                  # [v, m]
     n = ni.shape[0] if n_tokens is None else int(n_tokens)
-    if not 2 <= n <= ni.shape[0]:
-        raise QkovError(f"n_tokens={n_tokens} must be in 2..{ni.shape[0]} (the model's d_vocab)")
-    coef = fft1d(ni[:n] - ni[:n].mean(0), dim=0).pow(2)                         # [n, m]
+    if not 3 <= n <= ni.shape[0]:
+        raise QkovError(f"n_tokens={n_tokens} must be in 3..{ni.shape[0]} (the model's d_vocab)")
+    ni = ni[:n] - ni[:n].mean(0)                                                 # [n, m]
+    t = torch.arange(n, dtype=torch.float64)
+    t = (t - t.mean()) / (t - t.mean()).norm()                                  # unit, orthogonal to constants
+    line = t[:, None] * (t @ ni)[None]                                           # [n, m]
+    var = ni.pow(2).sum(0)
+    linear_share = torch.where(var > 0, line.pow(2).sum(0) / var.clamp(min=1e-300), 0.0)
+    if detrend:
+        ni = ni - line
+    coef = fft1d(ni, dim=0).pow(2)                                               # [n, m]
     power = torch.stack([coef[frequency_rows(k, n)].sum(0) for k in range(1, n // 2 + 1)])   # [K, m]
     total = power.sum(0)                                                         # [m]
     share, best = power.max(0)
-    live = total > 0
+    live = total > 1e-20 * total.max().clamp(min=1e-300)
     dominant = torch.where(live, best + 1, 0)
     dominant_share = torch.where(live, share / total.clamp(min=1e-300), 0.0)
     spectrum = power.sum(1) / power.sum().clamp(min=1e-300)
-    return InputSpectrum(n, power, dominant, dominant_share, spectrum)
+    return InputSpectrum(n, power, dominant, dominant_share, spectrum, linear_share)
 
 
 def frequency_overlap(a, b, n_tokens: int | None = None) -> float:
@@ -384,8 +398,10 @@ def mlp_summary(model, task, layer: int = 0) -> dict[str, Any]:
     """The JSON-able MLP section of ``qkov analyze``.
 
     ``modadd``: :func:`modular_analysis`. Other tasks (``add``, ``fib``): the neuron-input
-    spectrum over the task's token values: top frequencies with their periods and power share,
-    how many neurons each dominates, and the full spectrum (for :func:`frequency_overlap`).
+    spectrum over the task's token values (straight-line trend removed): top frequencies with
+    their periods and power share, how many neurons each dominates, the median share of a
+    neuron's input that is a straight line in the token, and the full spectrum (for
+    :func:`frequency_overlap`).
     """
     if getattr(task, "name", None) == "modadd":
         return modular_analysis(model, task, layer)
@@ -395,5 +411,6 @@ def mlp_summary(model, task, layer: int = 0) -> dict[str, Any]:
         "n_tokens": spec.n_tokens,
         "dominant_frequencies": spec.top(5),
         "neuron_dominant_share_median": round(float(spec.dominant_share.median()), 4),
+        "linear_share_median": round(float(spec.linear_share.median()), 4),
         "spectrum": [round(float(x), 6) for x in spec.spectrum],
     }
