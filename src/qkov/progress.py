@@ -34,6 +34,7 @@ from .fastpath import scored_logits_fn
 from .model import Transformer
 
 CHECKPOINTS = "checkpoints"
+FINAL = "model.safetensors"  # the run's final weights, when training has finished
 
 
 def gini(x: Tensor) -> float:
@@ -118,7 +119,7 @@ def _measures(model, task, keys: Sequence[int], train: Tensor) -> dict[str, Any]
         "sum_sq_weights": float(sum(q.double().pow(2).sum() for q in model.parameters())),
         "gini_embed_fourier": gini(embedding_fourier_norms(model, p)),
     }
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def progress_measures(
@@ -128,8 +129,9 @@ def progress_measures(
 
     Row keys: ``step, train_loss, train_accuracy, test_loss, test_accuracy, restricted_loss,
     excluded_loss, sum_sq_weights, gini_embed_fourier`` and, in the first row only,
-    ``key_frequencies``: those of the last checkpoint unless ``key_freqs`` is given (the paper
-    measures every checkpoint against the final model's key frequencies).
+    ``key_frequencies``: those of the final model (``model.safetensors``, else the last
+    checkpoint) unless ``key_freqs`` is given; the paper measures every checkpoint against the
+    final model's key frequencies.
     """
     fourier._residue_p(task)
     run_dir = Path(run_dir)
@@ -138,7 +140,8 @@ def progress_measures(
     files = checkpoint_files(run_dir)
     states = ((step, load_file(str(f)), f"{f.parent.name}/{f.name}") for step, f in files)
     if key_freqs is None:
-        *_, (_, last) = _load([(files[-1][0], load_file(str(files[-1][1])), files[-1][1].name)], cfg)
+        final = run_dir / FINAL if (run_dir / FINAL).is_file() else files[-1][1]
+        *_, (_, last) = _load([(0, load_file(str(final)), final.name)], cfg)
         key_freqs = fourier.key_frequencies(fourier.neuron_frequencies(fourier.neuron_grid(last, task)))
     keys = fourier._check_freqs(key_freqs, task.p)
     train = fourier.train_mask(task)
