@@ -8,7 +8,7 @@ What it reports (JSON on the last line, a readable summary above it):
 
 1. per-step time of one full-batch AdamW step through the plain forward
    (``model(tokens, positions=[2])``) and through the fast path (``qkov.fastpath``), measured
-   here, in this process, on the same data, before training;
+   here, in this process, on the same data, before training (steps interleaved, medians);
 2. ``qkov.train`` with the task's reference configs and ``target_accuracy=0.99``: wall and CPU
    time, and the step at which test accuracy first reached 99%;
 3. the trained model's Fourier picture: key frequencies, neuron FVE, logit FVE, restricted and
@@ -35,25 +35,30 @@ from qkov.fastpath import scored_logits_fn
 from qkov.train import make_optimizer
 
 
-def step_times(task, model_cfg, train_cfg, fast: bool, steps: int) -> dict[str, float]:
-    """Median wall and CPU seconds of one full-batch training step (forward, backward, AdamW)."""
-    model = qkov.Transformer(model_cfg, seed=0)
-    opt = make_optimizer(model, train_cfg)
+def step_times(task, model_cfg, train_cfg, steps: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of one full-batch training step (forward, backward, AdamW),
+    through the plain forward and through the fast path, interleaved so that both see the same load."""
     batch = task.dataset("train")
     pos = task.scored_positions
-    fn = scored_logits_fn(model, task) if fast else (lambda t: model(t, positions=pos))
     targets = batch.targets[:, pos]
-    walls, cpus = [], []
+    runners = {}
+    for name in ("plain", "fast"):
+        model = qkov.Transformer(model_cfg, seed=0)
+        fast = scored_logits_fn(model, task) if name == "fast" else None
+        fn = fast if fast is not None else (lambda t, m=model: m(t, positions=pos))
+        runners[name] = (fn, make_optimizer(model, train_cfg))
+    times = {name: {"wall": [], "cpu": []} for name in runners}
     for i in range(steps + 1):
-        w, c = time.perf_counter(), time.process_time()
-        loss = task.loss(fn(batch.tokens), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms up allocators and kernels
-            walls.append(time.perf_counter() - w)
-            cpus.append(time.process_time() - c)
-    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)}
+        for name, (fn, opt) in runners.items():
+            w, c = time.perf_counter(), time.process_time()
+            loss = task.loss(fn(batch.tokens), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up allocators and kernels
+                times[name]["wall"].append(time.perf_counter() - w)
+                times[name]["cpu"].append(time.process_time() - c)
+    return {name: {"wall_s": statistics.median(t["wall"]), "cpu_s": statistics.median(t["cpu"])} for name, t in times.items()}
 
 
 def main() -> None:
@@ -79,8 +84,8 @@ def main() -> None:
     train_cfg = train_cfg.replace(target_accuracy=0.99, eval_every=args.eval_every)
 
     load0 = os.getloadavg()
-    plain = step_times(task, model_cfg, train_cfg, fast=False, steps=max(3, args.timing_steps // 3))
-    fast = step_times(task, model_cfg, train_cfg, fast=True, steps=args.timing_steps)
+    timing = step_times(task, model_cfg, train_cfg, steps=args.timing_steps)
+    plain, fast = timing["plain"], timing["fast"]
     print(f"modadd p={task.p}: {len(task.dataset('train'))} training examples, full batch, {args.threads} thread(s)")
     print(f"per step: plain forward {plain['wall_s'] * 1e3:.1f} ms wall / {plain['cpu_s'] * 1e3:.1f} ms CPU; "
           f"fast path {fast['wall_s'] * 1e3:.1f} ms wall / {fast['cpu_s'] * 1e3:.1f} ms CPU "
