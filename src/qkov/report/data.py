@@ -313,7 +313,3 @@ def spectrum_rows(mlp: dict[str, Any]) -> list[dict[str, float]]:
     """``[{k, period, share}]`` of a token-spectrum MLP analysis, every frequency."""
     n = mlp["n_tokens"]
     return [{"k": i + 1, "period": n / (i + 1), "share": s} for i, s in enumerate(mlp["spectrum"])]
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
