@@ -12,7 +12,18 @@ from .tasks import Task, get_task
 from .train import Run, resume, train
 from .interop import from_transformer_lens
 
+
+
+def __getattr__(name: str):
+    # The report pulls in plotly; load it only when asked for.
+    if name == "write_report":
+        from .report import write_report
+
+        return write_report
+    raise AttributeError(f"module 'qkov' has no attribute {name!r}")
+
+
 __all__ = [
     "ModelConfig", "QkovError", "Run", "Summary", "Task", "TrainConfig", "Transformer",
-    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "train",
+    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "train", "write_report",
 ]
