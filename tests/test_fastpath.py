@@ -52,12 +52,13 @@ CONFIGS = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("cfg, positions", CONFIGS)
-def test_fast_path_equals_plain_forward(cfg, positions, seed, dtype):
+@pytest.mark.parametrize("batch", [64, 2])  # 64: scores from the score table; 2: per-example dot products
+def test_fast_path_equals_plain_forward(cfg, positions, seed, dtype, batch):
     cfg = ModelConfig(n_layers=1, **cfg)
     model = _randomised(cfg, dtype, seed)
     gen = torch.Generator().manual_seed(100 + seed)
-    tokens = torch.randint(0, cfg.d_vocab, (64, cfg.n_ctx), generator=gen)
-    weights = torch.randn(64, len(positions), cfg.vocab_out, generator=gen, dtype=dtype)
+    tokens = torch.randint(0, cfg.d_vocab, (batch, cfg.n_ctx), generator=gen)
+    weights = torch.randn(batch, len(positions), cfg.vocab_out, generator=gen, dtype=dtype)
     fast = scored_logits_fn(model, positions)
     assert fast is not None
     plain_logits, plain_grads = _logits_and_grads(model, lambda t: model(t, positions=positions), tokens, weights)

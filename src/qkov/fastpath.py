@@ -56,6 +56,11 @@ def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
     return _ResidForward(model, positions)
 
 
+# Use the score table when it has at most this many entries per (example, query, key) triple
+# in the batch (measured on CPU: max at batch 512, add and fib full batch all gain from it).
+_SCORE_TABLE_RATIO = 32
+
+
 class _TableForward:
     """Shared part: attention patterns at the scored positions from (position, token) tables."""
 
@@ -75,15 +80,25 @@ class _TableForward:
         q_tab = torch.einsum("pvd,hde->pvhe", x_tab[self.pos_idx], attn.W_Q) + attn.b_Q   # [p, V, h, e]
         k_tab = torch.einsum("kvd,hde->kvhe", xk, attn.W_K) + attn.b_K         # [k, V, h, e]
         v_tab = torch.einsum("kvd,hde->kvhe", xk, attn.W_V) + attn.b_V         # [k, V, h, e]
+        B, P = len(tokens), len(self.positions)
         # Row j*V + t of a flattened table is token t at (scored or key) position j.
-        q = F.embedding(self._query_rows(tokens, V), q_tab.reshape(-1, h * e))  # [b, p, h*e]
-        k = F.embedding(torch.arange(nk) * V + tokens[:, :nk], k_tab.reshape(-1, h * e))  # [b, k, h*e]
-        # Per-example dot products; a batched matmul over (example, head) of 1 x e by e x k is slower.
-        q = q.view(len(tokens), len(self.positions), 1, h, e)
-        k = k.view(len(tokens), 1, nk, h, e)
-        scores = (q * k).sum(-1) / e**0.5                                      # [b, p, k, h]
-        causal = torch.arange(nk)[None, :, None] <= self.pos_idx[:, None, None]   # [p, k, 1]
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=2)    # [b, p, k, h]
+        q_rows = self._query_rows(tokens, V)                                   # [b, p]
+        k_rows = torch.arange(nk) * V + tokens[:, :nk]                         # [b, k]
+        if P * V * nk * V <= _SCORE_TABLE_RATIO * B * P * nk:
+            # Every (query row, key row) score from one matmul per head, then a gather per
+            # example: a matmul runs far faster than per-example dot products (and their
+            # broadcast backward), so this wins unless the batch is much smaller than the table.
+            s_tab = torch.einsum("qhe,khe->hkq", q_tab.reshape(P * V, h, e) / e**0.5, k_tab.reshape(nk * V, h, e))  # [h, k*V, p*V]
+            idx = (torch.arange(h)[:, None, None, None] * (nk * V) + k_rows.T[None, :, :, None]) * (P * V) + q_rows[None, None]
+            scores = s_tab.reshape(-1).index_select(0, idx.reshape(-1)).view(h, nk, B, P).permute(1, 2, 3, 0)  # [k, b, p, h]
+        else:
+            q = F.embedding(q_rows, q_tab.reshape(-1, h * e)).view(1, B, P, h, e)      # [1, b, p, h, e]
+            k = F.embedding(k_rows.T, k_tab.reshape(-1, h * e)).view(nk, B, 1, h, e)   # [k, b, 1, h, e]
+            scores = (q * k).sum(-1) / e**0.5                                  # [k, b, p, h]
+        # Key position first: a softmax over a leading dim is vectorised across the batch, several
+        # times faster on CPU than one over a short last dim.
+        causal = torch.arange(nk)[:, None, None, None] <= self.pos_idx[None, None, :, None]   # [k, 1, p, 1]
+        pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=0).permute(1, 2, 0, 3)  # [b, p, k, h]
         return pattern, v_tab
 
     def _query_rows(self, tokens: Tensor, V: int) -> Tensor:
@@ -107,6 +122,22 @@ class _TableForward:
         weights = torch.cat([pattern.reshape(B, P, nk * h), pattern.new_ones(B, P, 1)], dim=-1)
         flat = [torch.cat([ov.reshape(nk * V * h, -1), sk.reshape(P * V, -1)]) for ov, sk in tables]
         return _WeightedBag.apply(weights.reshape(B * P, -1), rows.reshape(B * P, -1), *flat)
+
+    def _mix_bmm(self, tokens: Tensor, pattern: Tensor, tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        """``_mix`` as one batched matmul per table: the value rows an example reads are gathered
+        once and shared by all its scored positions (cheaper than bags when there are several)."""
+        B, P, nk, h = pattern.shape
+        V = tables[0][0].shape[1]
+        k_rows = (torch.arange(nk) * V + tokens[:, :nk]).reshape(-1)          # [b*k]
+        q_rows = self._query_rows(tokens, V).reshape(-1)                       # [b*p]
+        mix = pattern.reshape(B, P, nk * h)                                    # [b, p, k*h]
+        out = []
+        for ov, sk in tables:
+            w = ov.shape[-1]
+            rows = ov.reshape(nk * V, h * w).index_select(0, k_rows).view(B, nk * h, w)   # [b, k*h, w]
+            skip = sk.reshape(P * V, w).index_select(0, q_rows).view(B, P, w)             # [b, p, w]
+            out.append(torch.baddbmm(skip, mix, rows).view(B * P, w))
+        return tuple(out)
 
 
 class _WeightedBag(torch.autograd.Function):
@@ -165,11 +196,12 @@ class _PushedForward(_TableForward):
         pattern, v_tab = self._attention(tokens, x_tab)                         # [b, p, k, h], [k, V, h, e]
         attn = block.attn
         x_q = x_tab[self.pos_idx]                                               # [p, V, d]
+        mix = self._mix_bmm if P > 1 else self._mix
         ov_U = torch.einsum("hed,dc->hec", attn.W_O, W_U)                        # [h, e, v_out]
         W_U_tab = (torch.einsum("kvhe,hec->kvhc", v_tab, ov_U),                   # [k, V, h, v_out] direct path
                    x_q @ W_U + (attn.b_O @ W_U + model.unembed.b_U))             # [p, V, v_out]
         if not hasattr(block, "mlp"):
-            (logits,) = self._mix(tokens, pattern, [W_U_tab])
+            (logits,) = mix(tokens, pattern, [W_U_tab])
             return logits.view(B, P, -1)
         mlp = block.mlp
         # The skip row enters every bag once with weight 1, so constant terms ride along in it.
@@ -177,7 +209,7 @@ class _PushedForward(_TableForward):
         W_in_tab = (torch.einsum("kvhe,hem->kvhm", v_tab, ov_in),                 # [k, V, h, m]
                     x_q @ mlp.W_in + (attn.b_O @ mlp.W_in + mlp.b_in))            # [p, V, m]
         W_U_tab = (W_U_tab[0], W_U_tab[1] + mlp.b_out @ W_U)
-        pre, direct = self._mix(tokens, pattern, [W_in_tab, W_U_tab])            # [b*p, m], [b*p, v]
+        pre, direct = mix(tokens, pattern, [W_in_tab, W_U_tab])                 # [b*p, m], [b*p, v]
         logits = mlp.act(pre) @ (mlp.W_out @ W_U) + direct                      # [b*p, v]
         return logits.view(B, P, -1)
 
