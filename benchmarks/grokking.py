@@ -3,6 +3,7 @@
     python benchmarks/grokking.py                # the reference run: p=113, 30% train, up to 25k steps
     python benchmarks/grokking.py --quick        # p=23 smoke run (seconds to a minute)
     python benchmarks/grokking.py --threads 2    # use both cores (default 1)
+    python benchmarks/grokking.py --full         # all 25k steps: the clean-up phase too (neuron FVE rises)
 
 What it reports (JSON on the last line, a readable summary above it):
 
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="step limit (default: the reference 25000)")
     ap.add_argument("--eval-every", type=int, default=100, help="eval interval in steps (default 100)")
     ap.add_argument("--timing-steps", type=int, default=10, help="steps per per-step timing (default 10)")
+    ap.add_argument("--full", action="store_true", help="train every step (clean-up included) instead of stopping at 99%%")
     ap.add_argument("--out", default=None, help="keep the run directory here (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +83,7 @@ def main() -> None:
         task = qkov.get_task("modadd", p=args.p or 113)
         model_cfg = task.model_config()
         train_cfg = task.train_config().replace(steps=args.steps or task.train_config().steps)
-    train_cfg = train_cfg.replace(target_accuracy=0.99, eval_every=args.eval_every)
+    train_cfg = train_cfg.replace(target_accuracy=None if args.full else 0.99, eval_every=args.eval_every)
 
     load0 = os.getloadavg()
     timing = step_times(task, model_cfg, train_cfg, steps=args.timing_steps)
