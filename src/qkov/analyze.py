@@ -183,9 +183,11 @@ def _findings(task: Task, s: Summary) -> list[Finding]:
                              f"{_pct(m['logit_fve'])} of the logit variance.", m["logit_fve"]))
         elif m.get("kind") == "token_spectrum" and m["dominant_frequencies"]:
             top = m["dominant_frequencies"][0]
-            f.append(Finding("dominant_frequency", f"Neuron inputs are periodic in the attended token: the top "
-                             f"frequency is {top['k']} (period {top['period']:.2f} tokens), "
-                             f"{_pct(top['share'])} of the spectrum.", _r(top["share"])))
+            f.append(Finding("linear_share", f"A straight line in the attended token explains a median "
+                             f"{_pct(m['linear_share_median'])} of a neuron's input.", m["linear_share_median"]))
+            f.append(Finding("dominant_frequency", f"Beyond that line, the strongest frequency in the neuron inputs is "
+                             f"k={top['k']} (period {top['period']:.2f} tokens), {_pct(top['share'])} of the "
+                             f"spectrum.", _r(top["share"])))
     return f
 
 
