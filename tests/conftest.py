@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import qkov
+
+# The models under test are tiny: intra-op threads only add synchronisation, and on a shared
+# 2-core machine a second thread that has to wait for a busy core made tests up to 10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
