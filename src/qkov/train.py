@@ -58,9 +58,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+_FUSED_ADAMW = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)  # fused AdamW on CPU
+
+
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    # The fused kernel (CPU since torch 2.4) updates every tensor in one call: for these small
+    # models it takes a third of the time of the foreach update.
+    fused = _FUSED_ADAMW and all(p.device.type == "cpu" and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+        **({"fused": True} if fused else {"foreach": True}),
+    )
 
 
 def _target_reached(metrics: dict[str, Any], target: float | None) -> bool:
@@ -87,6 +96,7 @@ class _Trainer:
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
         self.forward = self._make_forward()
+        self.eval_model = self._eval_model()
         if self.task.finite:
             self.train_data = self.task.dataset("train")
 
@@ -100,6 +110,24 @@ class _Trainer:
         fn = fast if fast is not None else (lambda tokens: self.model(tokens, positions=pos))
         return lambda b: (fn(b.tokens), b.targets[:, pos])
 
+    def _eval_model(self) -> Callable[[Tensor], Tensor]:
+        """What evaluation runs: the model or, where the fast path applies and the task is scored
+        by the base ``Task.evaluate`` (which reads logits only at scored positions), a stand-in
+        that computes the scored positions' logits only and leaves zeros elsewhere."""
+        pos = self.task.scored_positions
+        fast = scored_logits_fn(self.model, self.task) if pos is not None else None
+        if fast is None or type(self.task).evaluate is not Task.evaluate:
+            return self.model
+        where = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
+
+        def scored_only(tokens: Tensor) -> Tensor:
+            scored = fast(tokens)                                               # [b, p, v]
+            logits = scored.new_zeros(tokens.shape[0], tokens.shape[1], scored.shape[-1])
+            logits[:, where] = scored
+            return logits
+
+        return scored_only
+
     def _batch(self) -> Batch:
         bs = self.cfg.batch_size
         if not self.task.finite:
@@ -111,7 +139,7 @@ class _Trainer:
 
     def _evaluate(self, train_loss: float | None, t0: float) -> dict[str, Any]:
         self.model.eval()
-        m = self.task.evaluate(self.model)
+        m = self.task.evaluate(self.eval_model)
         self.model.train()
         row = {"step": self.step, "train_loss": train_loss, "lr": lr_at(max(self.step - 1, 0), self.cfg)}
         row.update(m)
@@ -222,6 +250,7 @@ class _Trainer:
         self.step = step
         self.metrics = [r for r in store.read_metrics(path) if r["step"] <= step]
         self.forward = self._make_forward()
+        self.eval_model = self._eval_model()
 
 
 def _prepare_out(out: Path, rc: RunConfig) -> None:
