@@ -61,6 +61,21 @@ def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
 _SCORE_TABLE_RATIO = 32
 
 
+def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """``x [..., d] @ W [h, d, e] + b [h, e]`` -> ``[..., h, e]``: one matmul over all heads
+    (at these sizes an einsum's permutes and batched matmul cost more than the product)."""
+    h, d, e = W.shape
+    out = torch.addmm(b.reshape(h * e), x.reshape(-1, d), W.transpose(0, 1).reshape(d, h * e))
+    return out.view(*x.shape[:-1], h, e)
+
+
+def _per_head(v: Tensor, M: Tensor) -> Tensor:
+    """``v [..., h, e]`` times each head's ``M [h, e, c]`` -> ``[..., h, c]``."""
+    h, e, c = M.shape
+    out = torch.bmm(v.reshape(-1, h, e).transpose(0, 1), M)                   # [h, rows, c]
+    return out.transpose(0, 1).reshape(*v.shape[:-1], c)
+
+
 class _TableForward:
     """Shared part: attention patterns at the scored positions from (position, token) tables."""
 
@@ -77,9 +92,9 @@ class _TableForward:
         nk, V = self.n_keys, x_tab.shape[1]
         h, e = attn.W_Q.shape[0], attn.W_Q.shape[2]
         xk = x_tab[:nk]                                                        # [k, V, d]
-        q_tab = torch.einsum("pvd,hde->pvhe", x_tab[self.pos_idx], attn.W_Q) + attn.b_Q   # [p, V, h, e]
-        k_tab = torch.einsum("kvd,hde->kvhe", xk, attn.W_K) + attn.b_K         # [k, V, h, e]
-        v_tab = torch.einsum("kvd,hde->kvhe", xk, attn.W_V) + attn.b_V         # [k, V, h, e]
+        q_tab = _project(x_tab[self.pos_idx], attn.W_Q, attn.b_Q)               # [p, V, h, e]
+        k_tab = _project(xk, attn.W_K, attn.b_K)                               # [k, V, h, e]
+        v_tab = _project(xk, attn.W_V, attn.b_V)                               # [k, V, h, e]
         B, P = len(tokens), len(self.positions)
         # Row j*V + t of a flattened table is token t at (scored or key) position j.
         q_rows = self._query_rows(tokens, V)                                   # [b, p]
@@ -88,7 +103,8 @@ class _TableForward:
             # Every (query row, key row) score from one matmul per head, then a gather per
             # example: a matmul runs far faster than per-example dot products (and their
             # broadcast backward), so this wins unless the batch is much smaller than the table.
-            s_tab = torch.einsum("qhe,khe->hkq", q_tab.reshape(P * V, h, e) / e**0.5, k_tab.reshape(nk * V, h, e))  # [h, k*V, p*V]
+            s_tab = torch.bmm(k_tab.reshape(nk * V, h, e).transpose(0, 1),
+                              (q_tab.reshape(P * V, h, e) / e**0.5).permute(1, 2, 0))   # [h, k*V, p*V]
             idx = (torch.arange(h)[:, None, None, None] * (nk * V) + k_rows.T[None, :, :, None]) * (P * V) + q_rows[None, None]
             scores = s_tab.reshape(-1).index_select(0, idx.reshape(-1)).view(h, nk, B, P).permute(1, 2, 3, 0)  # [k, b, p, h]
         else:
@@ -197,16 +213,16 @@ class _PushedForward(_TableForward):
         attn = block.attn
         x_q = x_tab[self.pos_idx]                                               # [p, V, d]
         mix = self._mix_bmm if P > 1 else self._mix
-        ov_U = torch.einsum("hed,dc->hec", attn.W_O, W_U)                        # [h, e, v_out]
-        W_U_tab = (torch.einsum("kvhe,hec->kvhc", v_tab, ov_U),                   # [k, V, h, v_out] direct path
+        ov_U = (attn.W_O.flatten(0, 1) @ W_U).view(*attn.W_O.shape[:2], -1)     # [h, e, v_out]
+        W_U_tab = (_per_head(v_tab, ov_U),                                      # [k, V, h, v_out] direct path
                    x_q @ W_U + (attn.b_O @ W_U + model.unembed.b_U))             # [p, V, v_out]
         if not hasattr(block, "mlp"):
             (logits,) = mix(tokens, pattern, [W_U_tab])
             return logits.view(B, P, -1)
         mlp = block.mlp
         # The skip row enters every bag once with weight 1, so constant terms ride along in it.
-        ov_in = torch.einsum("hed,dm->hem", attn.W_O, mlp.W_in)                  # [h, e, m]
-        W_in_tab = (torch.einsum("kvhe,hem->kvhm", v_tab, ov_in),                 # [k, V, h, m]
+        ov_in = (attn.W_O.flatten(0, 1) @ mlp.W_in).view(*attn.W_O.shape[:2], -1)   # [h, e, m]
+        W_in_tab = (_per_head(v_tab, ov_in),                                    # [k, V, h, m]
                     x_q @ mlp.W_in + (attn.b_O @ mlp.W_in + mlp.b_in))            # [p, V, m]
         W_U_tab = (W_U_tab[0], W_U_tab[1] + mlp.b_out @ W_U)
         pre, direct = mix(tokens, pattern, [W_in_tab, W_U_tab])                 # [b*p, m], [b*p, v]
@@ -227,7 +243,7 @@ class _ResidForward(_TableForward):
         resid_tab = W_E[None] + W_pos[:, None]                                  # [n, V, d]
         pattern, v_tab = self._attention(tokens, block.ln1(resid_tab))          # [b, p, k, h], [k, V, h, e]
         attn = block.attn
-        ov_tab = torch.einsum("kvhe,hed->kvhd", v_tab, attn.W_O)                # [k, V, h, d]
+        ov_tab = _per_head(v_tab, attn.W_O)                                     # [k, V, h, d]
         (resid,) = self._mix(tokens, pattern, [(ov_tab, resid_tab[self.pos_idx])])
         resid = resid + attn.b_O                                                # [b*p, d] resid_mid
         if hasattr(block, "mlp"):
