@@ -294,7 +294,10 @@ class MaxTask(Task):
         return ModelConfig(n_layers=1, n_heads=1, d_model=32, d_mlp=None, d_vocab=self.vocab, n_ctx=self.max_len)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=1500, batch_size=512, lr=3e-3, weight_decay=0.01, eval_every=100)
+        # lr 1e-2 decayed to 0 by a cosine: >= 99.9% at every length by step ~150 (seeds 0-3),
+        # then 100% on the eval set with a loss near 1e-4 at the end; a constant 3e-3 needs ~450
+        # steps and its accuracy still dips mid-run.
+        return TrainConfig(steps=1500, batch_size=512, lr=1e-2, lr_schedule="cosine", weight_decay=0.01, eval_every=100)
 
 
 class AddTask(FiniteTask):
