@@ -299,7 +299,11 @@ def train(
 
 
 def resume(path: str | Path, steps: int | None = None, quiet: bool = False) -> Run:
-    """Continue the run in ``path`` from its newest saved state, bit-exactly, up to ``steps``."""
+    """Continue the run in ``path`` from its newest saved state, bit-exactly, up to ``steps``.
+
+    An interrupted run resumes exactly as if it had never stopped. Passing a larger ``steps``
+    extends a finished run; with a cosine schedule that stretches the schedule from here on.
+    """
     path = Path(path)
     rc = store.read_config(path)
     if steps is not None:
