@@ -20,8 +20,9 @@ order) and the same AdamW settings and learning-rate schedule (the task's train 
 
 - qkov: ``qkov.train(task, seed=..., train_config=...)``, the library's own trainer, with
   ``target_accuracy`` set, so it stops at the first eval that reaches the target.
-- TransformerLens: a plain loop (logits at every position, cross-entropy at the scored ones,
-  ``torch.optim.AdamW`` with its defaults for everything the config does not set).
+- TransformerLens: a plain loop: logits at every position, the task's loss (``task.loss``, the
+  cross-entropy qkov's trainer minimises) at the scored ones, ``torch.optim.AdamW`` with its
+  defaults for everything the config does not set.
 
 "Reached" means accuracy >= ``--target`` (0.999) at every length 2..6 on the task's fixed eval set
 (10,000 sequences per length), checked every ``--eval-every`` steps with ``task.evaluate`` on both
@@ -42,7 +43,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import qkov
 from qkov.fastpath import scored_logits_fn
@@ -80,8 +80,7 @@ def tl_step(model, opt, task, batch, lr: float) -> float:
     pos = task.scored_positions
     for g in opt.param_groups:
         g["lr"] = lr
-    logits = model(batch.tokens)[:, pos]                                       # [b, p, v]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets[:, pos].reshape(-1))
+    loss = task.loss(model(batch.tokens)[:, pos], batch.targets[:, pos])       # the same objective as qkov's
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qkov
+from qkov.tasks import configure
 
 # The models under test are tiny: intra-op threads only add synchronisation, and on a shared
 # 2-core machine a second thread that has to wait for a busy core made tests up to 10x slower.
@@ -14,19 +15,24 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """``trained(task_name, seed=0) -> qkov.Run`` with the task's reference defaults, cached.
+    """``trained(task_name, seed=0, **sets) -> qkov.Run`` with the task's reference defaults, cached.
 
     The first call for a (task, seed) trains into a temporary run directory (``run.path``), so
     tests that need a directory (``qkov analyze DIR``) and tests that need the model share one
     training run per session.
     """
-    runs: dict[tuple[str, int], qkov.Run] = {}
+    runs: dict[tuple, qkov.Run] = {}
 
-    def get(task_name: str, seed: int = 0) -> qkov.Run:
-        key = (task_name, seed)
+    def get(task_name: str, seed: int = 0, **sets) -> qkov.Run:
+        """``sets``: overrides as ``qkov train --set key=value`` takes them (``p=23``, ``lr=3e-3``,
+        ``steps=2000``, ...); each distinct set of overrides is its own cached run."""
+        key = (task_name, seed, tuple(sorted(sets.items())))
         if key not in runs:
             out = tmp_path_factory.mktemp(f"{task_name}-seed{seed}")
-            runs[key] = qkov.train(task_name, out=out / "run", seed=seed, quiet=True)
+            task, model_cfg, train_cfg = configure(task_name, sets)
+            runs[key] = qkov.train(
+                task, out=out / "run", seed=seed, model_config=model_cfg, train_config=train_cfg, quiet=True
+            )
         return runs[key]
 
     return get

@@ -336,7 +336,13 @@ class AddTask(FiniteTask):
         return ModelConfig(n_layers=1, n_heads=1, d_model=128, d_mlp=128, d_vocab=v, n_ctx=2)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=3000, batch_size=None, lr=3e-3, weight_decay=0.01, eval_every=100)
+        # Full batch (all 8,256 pairs), lr 2e-2 with a 50-step warmup and a cosine decay: 100% of
+        # pairs by step 600-700 on seeds 0-2, then the decay settles it (final loss 0.03-0.07). A
+        # constant 3e-3 spikes (Adam) and ends at 99.8%; batches of 2,048 at 2e-2 end at 99.9%.
+        return TrainConfig(
+            steps=1000, batch_size=None, lr=2e-2, lr_schedule="cosine", warmup_steps=50,
+            weight_decay=0.01, eval_every=100,
+        )
 
 
 class FibTask(FiniteTask):
@@ -385,7 +391,13 @@ class FibTask(FiniteTask):
         return ModelConfig(n_layers=1, n_heads=1, d_model=128, d_mlp=128, d_vocab=self.d_vocab, n_ctx=self.length)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=3000, batch_size=None, lr=3e-3, weight_decay=0.01, eval_every=100)
+        # Batches of 512 of the 1,408 sequences, lr 1e-2 with a 50-step warmup and a cosine
+        # decay: 100% at every position by step 600 on seeds 0-2 (final loss 2-3e-3), at half
+        # the CPU time of full-batch steps.
+        return TrainConfig(
+            steps=1000, batch_size=512, lr=1e-2, lr_schedule="cosine", warmup_steps=50,
+            weight_decay=0.01, eval_every=100,
+        )
 
 
 class ModAddTask(FiniteTask):
