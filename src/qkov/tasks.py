@@ -49,6 +49,9 @@ class Task:
     defaults: ClassVar[dict[str, Any]]
     finite: ClassVar[bool] = False  # True: a fixed data set with a train/test split
     eval_seed: ClassVar[int] = 1234567  # eval sampling seed, never the training seed
+    # The loss's log-softmax runs in this dtype. Sampled tasks see fresh batches and their loss
+    # stays far above float32's rounding; see FiniteTask for the full-batch ones.
+    loss_dtype: ClassVar[torch.dtype] = torch.float32
 
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.defaults))
@@ -201,14 +204,8 @@ class Task:
         return out
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy over positions with a target, computed in float64.
-
-        As in Nanda et al.'s grokking code: once the training loss is tiny, float32 rounding in
-        the log-softmax shows up as loss spikes (measured here on ``modadd`` p=113: a float32 run
-        spiked and was still at 4% test accuracy at the step where the float64 run had
-        generalised; at p=23 float32 gave logit FVE 0.74-0.84 against 0.92-0.95).
-        """
-        flat = logits.reshape(-1, logits.shape[-1]).double()
+        """Mean cross-entropy over positions with a target, computed in ``loss_dtype``."""
+        flat = logits.reshape(-1, logits.shape[-1]).to(self.loss_dtype)
         return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
 
 
@@ -223,6 +220,11 @@ class FiniteTask(Task):
     """A task whose examples are a fixed enumerable set, split into train/test by ``split_seed``."""
 
     finite = True
+    # Float64, as in Nanda et al.'s grokking code: trained on a fixed set, the loss gets tiny and
+    # float32 rounding in the log-softmax then shows up as loss spikes (measured on ``modadd``
+    # p=113: a float32 run spiked and was still at 4% test accuracy at the step where the float64
+    # run had generalised; at p=23 float32 gave logit FVE 0.74-0.84 against 0.92-0.95).
+    loss_dtype = torch.float64
 
     def _all(self) -> Batch:
         raise NotImplementedError
