@@ -85,37 +85,73 @@ class _TableForward:
         self.positions = positions
         self.n_keys = max(positions) + 1          # causal: later keys are never read
         self.pos_idx = torch.tensor(positions)
+        # Keys after a scored query position: masked out of its softmax. [k, 1, p, 1]
+        self._masked = torch.arange(self.n_keys)[:, None, None, None] > self.pos_idx[None, None, :, None]
 
-    def _attention(self, tokens: Tensor, x_tab: Tensor) -> tuple[Tensor, Tensor]:
-        """Pattern ``[b, p, k, h]`` at the scored positions and the value table ``[k, V, h, e]``."""
+    def _qkv_tables(self, x_tab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value tables ``[p, V, h, e]``, ``[k, V, h, e]``, ``[k, V, h, e]``."""
         attn = self.block.attn
-        nk, V = self.n_keys, x_tab.shape[1]
-        h, e = attn.W_Q.shape[0], attn.W_Q.shape[2]
-        xk = x_tab[:nk]                                                        # [k, V, d]
-        q_tab = _project(x_tab[self.pos_idx], attn.W_Q, attn.b_Q)               # [p, V, h, e]
-        k_tab = _project(xk, attn.W_K, attn.b_K)                               # [k, V, h, e]
-        v_tab = _project(xk, attn.W_V, attn.b_V)                               # [k, V, h, e]
+        xk = x_tab[:self.n_keys]                                               # [k, V, d]
+        return (_project(x_tab[self.pos_idx], attn.W_Q, attn.b_Q),
+                _project(xk, attn.W_K, attn.b_K), _project(xk, attn.W_V, attn.b_V))
+
+    def _use_score_table(self, batch: int, V: int) -> bool:
+        """Every (query row, key row) score from one matmul per head, then a gather per example:
+        a matmul runs far faster than per-example dot products (and their broadcast backward),
+        so this wins unless the batch is much smaller than the table."""
+        P, nk = len(self.positions), self.n_keys
+        return P * V * nk * V <= _SCORE_TABLE_RATIO * batch * P * nk
+
+    def _score_table(self, q_tab: Tensor, k_tab: Tensor) -> Tensor:
+        """``s[h, k*V + t', p*V + t]``: the scaled score of key token t' at key position k for
+        query token t at scored position p; ``[h, k*V, p*V]``."""
+        nk, V, h, e = k_tab.shape
+        P = q_tab.shape[0]
+        return torch.bmm(k_tab.reshape(nk * V, h, e).transpose(0, 1),
+                         (q_tab.reshape(P * V, h, e) / e**0.5).permute(1, 2, 0))
+
+    def _score_index(self, k_rows: Tensor, q_rows: Tensor, h: int, V: int) -> Tensor:
+        """Flat indices ``[k, b, p, h]`` of each example's scores in a ``_score_table``."""
+        nkV, PV = self.n_keys * V, len(self.positions) * V
+        return ((torch.arange(h) * nkV)[None, None, None, :] + k_rows.T[:, :, None, None]) * PV + q_rows[None, :, :, None]
+
+    def _pattern(self, tokens: Tensor, q_tab: Tensor, k_tab: Tensor) -> Tensor:
+        """Attention pattern ``[b, p, k, h]`` at the scored positions."""
+        nk, V, h, e = k_tab.shape
         B, P = len(tokens), len(self.positions)
         # Row j*V + t of a flattened table is token t at (scored or key) position j.
         q_rows = self._query_rows(tokens, V)                                   # [b, p]
         k_rows = torch.arange(nk) * V + tokens[:, :nk]                         # [b, k]
-        if P * V * nk * V <= _SCORE_TABLE_RATIO * B * P * nk:
-            # Every (query row, key row) score from one matmul per head, then a gather per
-            # example: a matmul runs far faster than per-example dot products (and their
-            # broadcast backward), so this wins unless the batch is much smaller than the table.
-            s_tab = torch.bmm(k_tab.reshape(nk * V, h, e).transpose(0, 1),
-                              (q_tab.reshape(P * V, h, e) / e**0.5).permute(1, 2, 0))   # [h, k*V, p*V]
-            idx = (torch.arange(h)[:, None, None, None] * (nk * V) + k_rows.T[None, :, :, None]) * (P * V) + q_rows[None, None]
-            scores = s_tab.reshape(-1).index_select(0, idx.reshape(-1)).view(h, nk, B, P).permute(1, 2, 3, 0)  # [k, b, p, h]
+        if self._use_score_table(B, V):
+            idx = self._score_index(k_rows, q_rows, h, V)                      # [k, b, p, h]
+            scores = self._score_table(q_tab, k_tab).reshape(-1).index_select(0, idx.reshape(-1)).view(nk, B, P, h)
         else:
             q = F.embedding(q_rows, q_tab.reshape(-1, h * e)).view(1, B, P, h, e)      # [1, b, p, h, e]
             k = F.embedding(k_rows.T, k_tab.reshape(-1, h * e)).view(nk, B, 1, h, e)   # [k, b, 1, h, e]
             scores = (q * k).sum(-1) / e**0.5                                  # [k, b, p, h]
         # Key position first: a softmax over a leading dim is vectorised across the batch, several
         # times faster on CPU than one over a short last dim.
-        causal = torch.arange(nk)[:, None, None, None] <= self.pos_idx[None, None, :, None]   # [k, 1, p, 1]
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=0).permute(1, 2, 0, 3)  # [b, p, k, h]
-        return pattern, v_tab
+        return scores.masked_fill(self._masked, float("-inf")).softmax(dim=0).permute(1, 2, 0, 3)
+
+    def _attend_mix(self, tokens: Tensor, q_tab: Tensor, k_tab: Tensor,
+                    tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        """Attention at the scored positions, then ``_mix`` of ``tables``: ``[b*p, w]`` each."""
+        nk, V, h, _ = k_tab.shape
+        B, P = len(tokens), len(self.positions)
+        if P > 1 and self._use_score_table(B, V):
+            # Several scored positions share each example's value rows: one bmm per table, with
+            # the hand-written backward of _AttendMix (the step's cost at these sizes is autograd's
+            # per-op overhead, not arithmetic).
+            q_rows = self._query_rows(tokens, V)
+            k_rows = torch.arange(nk) * V + tokens[:, :nk]
+            flat = []
+            for ov, sk in tables:
+                flat += [ov.reshape(nk * V, -1), sk.reshape(P * V, -1)]
+            outs = _AttendMix.apply(self._score_table(q_tab, k_tab).reshape(-1), self._score_index(k_rows, q_rows, h, V),
+                                    self._masked, k_rows, q_rows, *flat)
+            return tuple(o.view(B * P, -1) for o in outs)
+        pattern = self._pattern(tokens, q_tab, k_tab)
+        return (self._mix_bmm if P > 1 else self._mix)(tokens, pattern, tables)
 
     def _query_rows(self, tokens: Tensor, V: int) -> Tensor:
         """Row ``i*V + t`` of a table over (scored position i, token t), per example."""
@@ -198,8 +234,68 @@ class _WeightedBag(torch.autograd.Function):
         return (g_weights, None, *g_tables)
 
 
+class _AttendMix(torch.autograd.Function):
+    """Attention read from a score table, then pattern-weighted sums of value-table rows, with
+    the backward written out by hand.
+
+    Forward, per example ``b`` and scored position ``p``::
+
+        pattern[k, b, p, h] = softmax over causal keys k of s_tab[h, k_rows[b, k], q_rows[b, p]]
+        out_i[b, p] = Σ_(k,h) pattern[k, b, p, h] · ov_i[k_rows[b, k], h] + skip_i[q_rows[b, p]]
+
+    Autograd on the same ops records ~40 small nodes (gathers, permutes, masks, softmax, bmm);
+    here the backward is the chain rule in a dozen calls: a ``bmm`` pair per table for the
+    pattern's and the rows' gradients, ``index_add_`` to scatter them into the tables, and the
+    softmax's Jacobian-vector product done in place. ``tables`` are ``(ov_i [k*V, h*w_i],
+    skip_i [p*V, w_i])`` pairs, flattened; outputs are ``[b, p, w_i]``.
+    """
+
+    @staticmethod
+    def forward(ctx, s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
+                *tables: Tensor) -> tuple[Tensor, ...]:
+        nk, B, P, h = idx.shape
+        scores = s_flat.index_select(0, idx.reshape(-1)).view(nk, B, P, h)
+        scores.masked_fill_(masked, float("-inf"))
+        # Softmax over the leading key dim: vectorised across the batch on CPU.
+        pattern = scores.sub_(scores.amax(0, keepdim=True)).exp_()
+        pattern.div_(pattern.sum(0, keepdim=True))
+        mix = pattern.permute(1, 2, 0, 3).reshape(B, P, nk * h)                    # [b, p, k*h]
+        outs, saved_rows = [], []
+        for ov, sk in zip(tables[0::2], tables[1::2]):
+            w = sk.shape[-1]
+            rows = ov.index_select(0, k_rows.reshape(-1)).view(B, nk * h, w)        # [b, k*h, w]
+            skip = sk.index_select(0, q_rows.reshape(-1)).view(B, P, w)             # [b, p, w]
+            outs.append(torch.baddbmm(skip, mix, rows))
+            saved_rows.append(rows)
+        ctx.shapes = (s_flat.shape[0], [(ov.shape, sk.shape) for ov, sk in zip(tables[0::2], tables[1::2])])
+        ctx.save_for_backward(idx, k_rows, q_rows, pattern, mix, *saved_rows)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        idx, k_rows, q_rows, pattern, mix, *rows = ctx.saved_tensors
+        n_scores, shapes = ctx.shapes
+        nk, B, P, h = idx.shape
+        g_tables, g_mix = [], None
+        for g, r, (ov_shape, sk_shape) in zip(grads, rows, shapes):
+            g = g.contiguous()                                                     # [b, p, w]
+            gm = torch.bmm(g, r.transpose(1, 2))                                   # [b, p, k*h]
+            g_mix = gm if g_mix is None else g_mix.add_(gm)
+            g_rows = torch.bmm(mix.transpose(1, 2), g)                             # [b, k*h, w]
+            g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
+            g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
+            g_tables += [g_ov, g_sk]
+        # Softmax backward: g_s = pattern * (g_pattern - Σ_k pattern · g_pattern); masked keys
+        # have pattern 0 and so get 0.
+        g_pat = g_mix.view(B, P, nk, h).permute(2, 0, 1, 3)                      # [k, b, p, h]
+        g_s = g_pat - (pattern * g_pat).sum(0, keepdim=True)
+        g_s.mul_(pattern)
+        g_flat = g_s.new_zeros(n_scores).index_add_(0, idx.reshape(-1), g_s.reshape(-1))
+        return (g_flat, None, None, None, None, *g_tables)
+
+
 class _PushedForward(_TableForward):
-    """No LayerNorm: values pushed through ``W_O W_in`` and ``W_O W_U``, mixed by embedding_bags."""
+    """No LayerNorm: values pushed through ``W_O W_in`` and ``W_O W_U``, mixed by the pattern."""
 
     def __call__(self, tokens: Tensor) -> Tensor:
         model, block = self.model, self.block
@@ -207,17 +303,15 @@ class _PushedForward(_TableForward):
         B, n = tokens.shape
         P = len(self.positions)
         W_E, W_pos, W_U = model.embed.W_E, model.pos_embed.W_pos[:n], model.unembed.W_U
-        V = W_E.shape[0]
         x_tab = W_E[None] + W_pos[:, None]                                      # [n, V, d]
-        pattern, v_tab = self._attention(tokens, x_tab)                         # [b, p, k, h], [k, V, h, e]
+        q_tab, k_tab, v_tab = self._qkv_tables(x_tab)                           # [p|k, V, h, e]
         attn = block.attn
         x_q = x_tab[self.pos_idx]                                               # [p, V, d]
-        mix = self._mix_bmm if P > 1 else self._mix
         ov_U = (attn.W_O.flatten(0, 1) @ W_U).view(*attn.W_O.shape[:2], -1)     # [h, e, v_out]
         W_U_tab = (_per_head(v_tab, ov_U),                                      # [k, V, h, v_out] direct path
                    x_q @ W_U + (attn.b_O @ W_U + model.unembed.b_U))             # [p, V, v_out]
         if not hasattr(block, "mlp"):
-            (logits,) = mix(tokens, pattern, [W_U_tab])
+            (logits,) = self._attend_mix(tokens, q_tab, k_tab, [W_U_tab])
             return logits.view(B, P, -1)
         mlp = block.mlp
         # The skip row enters every bag once with weight 1, so constant terms ride along in it.
@@ -225,7 +319,7 @@ class _PushedForward(_TableForward):
         W_in_tab = (_per_head(v_tab, ov_in),                                    # [k, V, h, m]
                     x_q @ mlp.W_in + (attn.b_O @ mlp.W_in + mlp.b_in))            # [p, V, m]
         W_U_tab = (W_U_tab[0], W_U_tab[1] + mlp.b_out @ W_U)
-        pre, direct = mix(tokens, pattern, [W_in_tab, W_U_tab])                 # [b*p, m], [b*p, v]
+        pre, direct = self._attend_mix(tokens, q_tab, k_tab, [W_in_tab, W_U_tab])   # [b*p, m], [b*p, v]
         logits = mlp.act(pre) @ (mlp.W_out @ W_U) + direct                      # [b*p, v]
         return logits.view(B, P, -1)
 
@@ -239,12 +333,11 @@ class _ResidForward(_TableForward):
         B, n = tokens.shape
         P = len(self.positions)
         W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos[:n]
-        V = W_E.shape[0]
         resid_tab = W_E[None] + W_pos[:, None]                                  # [n, V, d]
-        pattern, v_tab = self._attention(tokens, block.ln1(resid_tab))          # [b, p, k, h], [k, V, h, e]
+        q_tab, k_tab, v_tab = self._qkv_tables(block.ln1(resid_tab))            # [p|k, V, h, e]
         attn = block.attn
         ov_tab = _per_head(v_tab, attn.W_O)                                     # [k, V, h, d]
-        (resid,) = self._mix(tokens, pattern, [(ov_tab, resid_tab[self.pos_idx])])
+        (resid,) = self._attend_mix(tokens, q_tab, k_tab, [(ov_tab, resid_tab[self.pos_idx])])
         resid = resid + attn.b_O                                                # [b*p, d] resid_mid
         if hasattr(block, "mlp"):
             mlp = block.mlp
