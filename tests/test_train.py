@@ -122,3 +122,35 @@ def test_resume_errors(tmp_path):
     qkov.train(task, out=tmp_path, model_config=m, train_config=t, quiet=True)
     with pytest.raises(QkovError, match="already ran 20 steps.*--steps"):
         qkov.resume(tmp_path)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_matches_torch_optim(monkeypatch, fused):
+    """qkov's AdamW (no torch.optim wrapping) updates exactly as torch.optim.AdamW(fused=True)
+    does, and its foreach fallback (torch < 2.4) agrees to float rounding."""
+    from qkov import optim
+
+    if fused and not optim._FUSED:
+        pytest.skip("this torch has no fused CPU AdamW kernel")
+    monkeypatch.setattr(optim, "_FUSED", fused)
+    task = get_task("max")
+    ours, ref = (qkov.Transformer(task.model_config(), seed=0) for _ in range(2))
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    opts = [(ours, optim.AdamW(params(ours), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.5)),
+            (ref, torch.optim.AdamW(params(ref), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.5,
+                                    **({"fused": True} if optim._FUSED else {})))]
+    gen = torch.Generator().manual_seed(0)
+    pos = task.scored_positions
+    for step in range(30):
+        batch = task.sample(64, gen)
+        for model, opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = 1e-2 * (1 - step / 30)
+            opt.zero_grad(set_to_none=True)
+            task.loss(model(batch.tokens)[:, pos], batch.targets[:, pos]).backward()
+            opt.step()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        if fused:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

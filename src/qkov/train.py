@@ -24,6 +24,7 @@ from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .fastpath import scored_logits_fn
 from .model import Transformer
+from .optim import AdamW
 from .store import RunConfig
 from .tasks import Batch, Task, get_task
 
@@ -58,18 +59,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-_FUSED_ADAMW = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)  # fused AdamW on CPU
-
-
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> AdamW:
+    """AdamW over the model's trainable parameters with the run's settings (see ``optim.py``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # The fused kernel (CPU since torch 2.4) updates every tensor in one call: for these small
-    # models it takes a third of the time of the foreach update.
-    fused = _FUSED_ADAMW and all(p.device.type == "cpu" and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-        **({"fused": True} if fused else {"foreach": True}),
-    )
+    return AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def _target_reached(metrics: dict[str, Any], target: float | None) -> bool:
