@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import torch
 
 from qkov.cli import main
 from qkov.report import gather, write_report
@@ -34,14 +33,6 @@ STEPS = {"max": 200, "add": 30}
 LOCAL_SCHEMES = {"file", "data", "blob", "about", "chrome", "chrome-extension", "devtools"}
 EVIL = "<script>window.__qkov_pwned = 1</script>"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one torch thread is as fast as two, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

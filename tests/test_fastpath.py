@@ -11,14 +11,6 @@ from qkov.model import Transformer
 from qkov.tasks import get_task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: a second OpenMP thread only adds contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomised(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> Transformer:
     """A model with every parameter random, biases and LayerNorm weights included."""

@@ -14,13 +14,6 @@ from qkov.fastpath import scored_logits_fn
 from qkov.progress import gini, progress_measures
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------- basis
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 23])
@@ -199,7 +192,6 @@ def _grok(p: int, train_frac: float, steps: int) -> tuple[qkov.Transformer, qkov
 
 @pytest.fixture(scope="session")
 def grokked():
-    torch.set_num_threads(1)
     return _grok(p=23, train_frac=0.6, steps=2500)
 
 
@@ -232,7 +224,6 @@ def modadd_run(tmp_path_factory):
     task = qkov.get_task("modadd", p=13, train_frac=0.6)
     out = tmp_path_factory.mktemp("progress") / "run"
     cfg = task.train_config().replace(steps=60, eval_every=30, checkpoint_every=30)
-    torch.set_num_threads(1)
     return qkov.train(task, out=out, model_config=task.model_config().replace(d_mlp=64), train_config=cfg, quiet=True)
 
 

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from plotly.offline import get_plotlyjs
 
 import qkov
@@ -24,14 +23,6 @@ from qkov.report import figures, gather, sections, write_report
 
 MAX_STEPS, ADD_STEPS = 200, 30
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one torch thread is as fast as two, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 EVIL = "<script>window.__qkov_pwned = 1</script>"
 
 

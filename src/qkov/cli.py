@@ -7,9 +7,7 @@ and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .errors import QkovError

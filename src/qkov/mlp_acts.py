@@ -42,5 +42,5 @@ def neuron_activations(model, task, layer: int = 0, hook: str = "post") -> tuple
     else:                                                                       # TransformerLens
         _, cache = model.run_with_cache(tokens, names_filter=name)
     if name not in cache:
-        raise QkovError(f"neuron activations need an MLP, but this model is attention-only (d_mlp=None)")
+        raise QkovError("neuron activations need an MLP, but this model is attention-only (d_mlp=None)")
     return tokens, cache[name][:, task.scored_positions]

@@ -15,7 +15,6 @@ and a ``scored [batch, pos]`` mask of the positions that accuracy is measured on
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
