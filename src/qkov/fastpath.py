@@ -88,6 +88,13 @@ class _TableForward:
         # Keys after a scored query position: masked out of its softmax. [k, 1, p, 1]
         self._masked = torch.arange(self.n_keys)[:, None, None, None] > self.pos_idx[None, None, :, None]
 
+    def _embed_table(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The checked tokens and the residual stream's start for every (position, token):
+        ``W_E[t] + W_pos[j]`` at ``[j, t]``, ``[n, V, d]``."""
+        tokens = self.model._check_tokens(tokens)
+        W_E, W_pos = self.model.embed.W_E, self.model.pos_embed.W_pos[:tokens.shape[1]]
+        return tokens, W_E[None] + W_pos[:, None]
+
     def _qkv_tables(self, x_tab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query, key and value tables ``[p, V, h, e]``, ``[k, V, h, e]``, ``[k, V, h, e]``."""
         attn = self.block.attn
@@ -298,14 +305,10 @@ class _PushedForward(_TableForward):
     """No LayerNorm: values pushed through ``W_O W_in`` and ``W_O W_U``, mixed by the pattern."""
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        model, block = self.model, self.block
-        tokens = model._check_tokens(tokens)
-        B, n = tokens.shape
-        P = len(self.positions)
-        W_E, W_pos, W_U = model.embed.W_E, model.pos_embed.W_pos[:n], model.unembed.W_U
-        x_tab = W_E[None] + W_pos[:, None]                                      # [n, V, d]
+        model, block, attn = self.model, self.block, self.block.attn
+        tokens, x_tab = self._embed_table(tokens)                               # [n, V, d]
+        B, P, W_U = len(tokens), len(self.positions), model.unembed.W_U
         q_tab, k_tab, v_tab = self._qkv_tables(x_tab)                           # [p|k, V, h, e]
-        attn = block.attn
         x_q = x_tab[self.pos_idx]                                               # [p, V, d]
         ov_U = (attn.W_O.flatten(0, 1) @ W_U).view(*attn.W_O.shape[:2], -1)     # [h, e, v_out]
         W_U_tab = (_per_head(v_tab, ov_U),                                      # [k, V, h, v_out] direct path
@@ -328,14 +331,10 @@ class _ResidForward(_TableForward):
     """LayerNorm: attention from tables, then the residual stream per example (LN is nonlinear)."""
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        model, block = self.model, self.block
-        tokens = model._check_tokens(tokens)
-        B, n = tokens.shape
-        P = len(self.positions)
-        W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos[:n]
-        resid_tab = W_E[None] + W_pos[:, None]                                  # [n, V, d]
+        model, block, attn = self.model, self.block, self.block.attn
+        tokens, resid_tab = self._embed_table(tokens)                           # [n, V, d]
+        B, P = len(tokens), len(self.positions)
         q_tab, k_tab, v_tab = self._qkv_tables(block.ln1(resid_tab))            # [p|k, V, h, e]
-        attn = block.attn
         ov_tab = _per_head(v_tab, attn.W_O)                                     # [k, V, h, d]
         (resid,) = self._attend_mix(tokens, q_tab, k_tab, [(ov_tab, resid_tab[self.pos_idx])])
         resid = resid + attn.b_O                                                # [b*p, d] resid_mid
