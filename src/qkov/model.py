@@ -172,6 +172,11 @@ class Unembed(nn.Module):
         self.b_U = nn.Parameter(torch.zeros(cfg.vocab_out))
 
 
+def _stacked(module: str, name: str, shape: str) -> property:
+    """A read-only property: every block's ``module.name`` stacked along a leading layer dim."""
+    return property(lambda self: self._stack(module, name), doc=f"``{name}`` of every layer, {shape} (detached).")
+
+
 class Transformer(nn.Module):
     """A decoder-only transformer with TransformerLens's parameter names, shapes and hook names.
 
@@ -295,50 +300,15 @@ class Transformer(nn.Module):
     def b_U(self) -> Tensor:            # [d_vocab_out]
         return self.unembed.b_U.detach()
 
-    @property
-    def W_Q(self) -> Tensor:            # [n_layers, n_heads, d_model, d_head]
-        return self._stack("attn", "W_Q")
-
-    @property
-    def W_K(self) -> Tensor:            # [n_layers, n_heads, d_model, d_head]
-        return self._stack("attn", "W_K")
-
-    @property
-    def W_V(self) -> Tensor:            # [n_layers, n_heads, d_model, d_head]
-        return self._stack("attn", "W_V")
-
-    @property
-    def W_O(self) -> Tensor:            # [n_layers, n_heads, d_head, d_model]
-        return self._stack("attn", "W_O")
-
-    @property
-    def b_Q(self) -> Tensor:            # [n_layers, n_heads, d_head]
-        return self._stack("attn", "b_Q")
-
-    @property
-    def b_K(self) -> Tensor:            # [n_layers, n_heads, d_head]
-        return self._stack("attn", "b_K")
-
-    @property
-    def b_V(self) -> Tensor:            # [n_layers, n_heads, d_head]
-        return self._stack("attn", "b_V")
-
-    @property
-    def b_O(self) -> Tensor:            # [n_layers, d_model]
-        return self._stack("attn", "b_O")
-
-    @property
-    def W_in(self) -> Tensor:           # [n_layers, d_model, d_mlp]
-        return self._stack("mlp", "W_in")
-
-    @property
-    def W_out(self) -> Tensor:          # [n_layers, d_mlp, d_model]
-        return self._stack("mlp", "W_out")
-
-    @property
-    def b_in(self) -> Tensor:           # [n_layers, d_mlp]
-        return self._stack("mlp", "b_in")
-
-    @property
-    def b_out(self) -> Tensor:          # [n_layers, d_model]
-        return self._stack("mlp", "b_out")
+    W_Q = _stacked("attn", "W_Q", "[n_layers, n_heads, d_model, d_head]")
+    W_K = _stacked("attn", "W_K", "[n_layers, n_heads, d_model, d_head]")
+    W_V = _stacked("attn", "W_V", "[n_layers, n_heads, d_model, d_head]")
+    W_O = _stacked("attn", "W_O", "[n_layers, n_heads, d_head, d_model]")
+    b_Q = _stacked("attn", "b_Q", "[n_layers, n_heads, d_head]")
+    b_K = _stacked("attn", "b_K", "[n_layers, n_heads, d_head]")
+    b_V = _stacked("attn", "b_V", "[n_layers, n_heads, d_head]")
+    b_O = _stacked("attn", "b_O", "[n_layers, d_model]")
+    W_in = _stacked("mlp", "W_in", "[n_layers, d_model, d_mlp]")
+    W_out = _stacked("mlp", "W_out", "[n_layers, d_mlp, d_model]")
+    b_in = _stacked("mlp", "b_in", "[n_layers, d_mlp]")
+    b_out = _stacked("mlp", "b_out", "[n_layers, d_model]")
