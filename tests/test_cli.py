@@ -79,3 +79,20 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert p.returncode == 2
     assert p.stderr == "qkov: unknown task 'nope'. Known tasks: add, fib, induction, max, modadd.\n"
     assert "Traceback" not in p.stderr
+
+
+def test_analyze_compare_prints_the_frequency_overlap(capsys, short_trained):
+    """``qkov analyze ADD --compare FIB``: the two MLP models' neuron-input spectra overlap, as
+    ``qkov.fourier.frequency_overlap`` computes it; an attention-only model gets one clear line."""
+    from qkov.fourier import frequency_overlap
+
+    add, fib, mx = short_trained("add", 30), short_trained("fib", 30), short_trained("max", 200)
+    code, text, _ = run_cli(capsys, "analyze", str(add.path), "--compare", str(fib.path), "--json")
+    cmp = json.loads(text)["compare"]
+    assert code == 0 and cmp["task"] == "fib" and cmp["n_tokens"] == 128
+    assert cmp["frequency_overlap"] == round(frequency_overlap(add.model, fib.model, n_tokens=128), 4)
+    assert 0.0 < cmp["frequency_overlap"] <= 1.0
+    code, text, _ = run_cli(capsys, "analyze", str(add.path), "--compare", str(fib.path))
+    assert code == 0 and f"compared with {fib.path} (fib): neuron-input spectra overlap" in text
+    code, _, err = run_cli(capsys, "analyze", str(add.path), "--compare", str(mx.path))
+    assert code == 2 and err.count("\n") == 1 and "attention-only" in err, err

@@ -191,6 +191,23 @@ def _findings(task: Task, s: Summary) -> list[Finding]:
     return f
 
 
+# ------------------------------------------------------------------- two models
+def frequency_comparison(a, b, top: int = 5) -> dict[str, Any]:
+    """How two one-layer MLP models' neuron-input spectra compare (e.g. ``add`` against ``fib``).
+
+    Both spectra are taken over the tokens both vocabularies share (``0..n-1``, straight-line
+    trend removed, :func:`qkov.fourier.neuron_input_spectrum`). Returns their overlap
+    ``Σ_k min(S_a[k], S_b[k])`` (1: the same distribution of power over frequencies) and the
+    frequencies among both models' ``top`` dominant ones.
+    """
+    from .fourier import frequency_overlap, neuron_input_spectrum
+
+    n = min(a.cfg.d_vocab, b.cfg.d_vocab)
+    sa, sb = neuron_input_spectrum(a, n_tokens=n), neuron_input_spectrum(b, n_tokens=n)
+    shared = sorted({f["k"] for f in sa.top(top)} & {f["k"] for f in sb.top(top)})
+    return {"n_tokens": n, "frequency_overlap": round(frequency_overlap(sa, sb), 4), "shared_dominant_frequencies": shared}
+
+
 # ------------------------------------------------------------------------- entry point
 def analyze(model, task: Task | str, run_dir: str | Path | None = None) -> Summary:
     """Everything qkov measures about ``model`` on ``task``, as a Summary (``.to_json()``).

@@ -7,6 +7,7 @@ and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -94,16 +95,27 @@ def format_summary(d: dict[str, Any]) -> str:
     elif mlp and mlp.get("kind") == "token_spectrum":
         top = ", ".join(f"k={f['k']} (period {f['period']}, {f['share']:.1%})" for f in mlp["dominant_frequencies"])
         lines.append(f"mlp: dominant neuron-input frequencies {top}")
+    cmp = d.get("compare")
+    if cmp:
+        shared = ", ".join(map(str, cmp["shared_dominant_frequencies"])) or "none"
+        lines.append(f"compared with {cmp['dir']} ({cmp['task']}): neuron-input spectra overlap "
+                     f"{cmp['frequency_overlap']:.1%} over tokens 0..{cmp['n_tokens'] - 1}; "
+                     f"shared dominant frequencies: {shared}")
     return "\n".join(lines)
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import analyze
+    from .analyze import analyze, frequency_comparison
     from .store import load_run
 
     loaded = load_run(args.dir)
+    other = load_run(args.compare) if args.compare else None  # fail on a bad path before the work
     summary = analyze(loaded.model, loaded.task, run_dir=loaded.path)
-    print(summary.to_json() if args.json else format_summary(summary.to_dict()))
+    d = summary.to_dict()
+    if other is not None:
+        d["compare"] = {"dir": str(args.compare), "task": other.task.name,
+                        **frequency_comparison(loaded.model, other.model)}
+    print(json.dumps(d, indent=2) if args.json else format_summary(d))
     return 0
 
 
@@ -143,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="circuit analysis of a trained run: per-head scores, composition, findings")
     a.add_argument("dir")
     a.add_argument("--json", action="store_true", help="print the Summary as one JSON object")
+    a.add_argument("--compare", metavar="OTHER_DIR",
+                   help="another MLP run (e.g. fib against add): overlap of the two models' neuron-input frequencies")
     a.set_defaults(fn=cmd_analyze)
     r = sub.add_parser("report", help="write a self-contained HTML report of a trained run")
     r.add_argument("dir")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .analyze import analyze
+from .analyze import analyze, frequency_comparison
 from .errors import QkovError
 from .report import write_report
 from .report.data import dominant_frequencies, finding
@@ -144,12 +144,9 @@ def tour(
 
     result = TourResult(out, out / "index.html", entries)
     if "add" in models and "fib" in models:
-        from .fourier import frequency_overlap
-
-        n = min(models["add"].cfg.d_vocab, models["fib"].cfg.d_vocab)
-        result.frequency_overlap = round(frequency_overlap(models["add"], models["fib"], n_tokens=n), 4)
-        by = {x.task: {f["k"] for f in dominant_frequencies(x.summary)} for x in entries}
-        result.shared_frequencies = sorted(by.get("add", set()) & by.get("fib", set()))
+        cmp = frequency_comparison(models["add"], models["fib"])
+        result.frequency_overlap = cmp["frequency_overlap"]
+        result.shared_frequencies = cmp["shared_dominant_frequencies"]
     result.elapsed_s = time.perf_counter() - t_start
     atomic_write_text(result.index, index_html(result))
     say(f"wrote {result.index} in {result.elapsed_s:.0f} s")
