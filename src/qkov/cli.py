@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except QkovError as e:
         print(f"qkov: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `qkov analyze DIR | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("qkov: interrupted; files already written are complete (writes are atomic)", file=sys.stderr)
         return 130
