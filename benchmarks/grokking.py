@@ -2,7 +2,7 @@
 
     python benchmarks/grokking.py                # the reference run: p=113, 30% train, up to 25k steps
     python benchmarks/grokking.py --quick        # p=23 smoke run (seconds to a minute)
-    python benchmarks/grokking.py --threads 2    # use both cores (default 1)
+    python benchmarks/grokking.py --threads 1    # one core (default: torch's setting, all cores)
     python benchmarks/grokking.py --full         # all 25k steps: the clean-up phase too (neuron FVE rises)
 
 What it reports (JSON on the last line, a readable summary above it):
@@ -16,7 +16,7 @@ What it reports (JSON on the last line, a readable summary above it):
    excluded loss (``qkov.fourier.mlp_summary``).
 
 The machine's load average is printed beside the timings: on a shared machine wall time is not
-the program's speed, so CPU time (``time.process_time``, one thread) is reported too.
+the program's speed, so CPU time (``time.process_time``, summed over threads) is reported too.
 """
 
 from __future__ import annotations
@@ -66,14 +66,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="p=23, 60%% train, d_mlp 128, lr 3e-3: a smoke run")
     ap.add_argument("--p", type=int, default=None, help="the modulus (default 113; 23 with --quick)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument("--steps", type=int, default=None, help="step limit (default: the reference 25000)")
     ap.add_argument("--eval-every", type=int, default=100, help="eval interval in steps (default 100)")
     ap.add_argument("--timing-steps", type=int, default=10, help="steps per per-step timing (default 10)")
     ap.add_argument("--full", action="store_true", help="train every step (clean-up included) instead of stopping at 99%%")
     ap.add_argument("--out", default=None, help="keep the run directory here (default: a temp dir)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
 
     if args.quick:
         task = qkov.get_task("modadd", p=args.p or 23, train_frac=0.6)

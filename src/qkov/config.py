@@ -83,7 +83,9 @@ class TrainConfig:
 
     ``eval_every`` and ``checkpoint_every`` count optimizer steps (0 = never checkpoint; a run
     resumes from its newest checkpoint);
-    ``target_accuracy`` stops training at the first eval that reaches it (None = never).
+    ``target_accuracy`` stops training at the first eval that reaches it (None = never);
+    ``threads`` sets torch's intra-op threads for the run (0 = one for small models, torch's
+    setting for larger ones). Results are bit-exact for the same seed, configs and thread count.
     """
 
     steps: int = 2000
@@ -96,13 +98,14 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 500
     target_accuracy: float | None = None
+    threads: int = 0  # torch intra-op threads while training; 0 = auto (see train.threads_for)
 
     def __post_init__(self) -> None:
         _check_positive_int("steps", self.steps)
         if self.batch_size is not None:
             _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("eval_every", self.eval_every)
-        for name in ("warmup_steps", "checkpoint_every"):
+        for name in ("warmup_steps", "checkpoint_every", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise QkovError(f"{name}={v!r} must be an integer >= 0")

