@@ -72,6 +72,9 @@ def test_forward_matches_reference(cfg, seed):
     # Only computing some query positions in the last layer gives the same logits there.
     pos = [cfg.n_ctx - 1, 0]
     torch.testing.assert_close(model(tokens, positions=pos), model(tokens)[:, pos], atol=1e-10, rtol=1e-10)
+    # Unembedding only some rows (a loss's varying positions) gives the same logits there.
+    rows = torch.rand(tokens.shape, generator=g) < 0.5
+    torch.testing.assert_close(model(tokens, rows=rows), model(tokens)[rows], atol=1e-10, rtol=1e-10)
 
 
 def test_cache_names_and_shapes():
@@ -166,6 +169,13 @@ def test_unused_biases_stay_zero_and_untrained():
     model = Transformer(ModelConfig(d_mlp=8, use_bias=False))
     biases = [p for n, p in model.named_parameters() if n.split(".")[-1].startswith("b_")]
     assert biases and all(not p.requires_grad and (p == 0).all() for p in biases)
+
+
+def test_rows_must_be_a_mask_shaped_like_tokens():
+    model = Transformer(ModelConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4))
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(QkovError, match=r"rows must be a boolean mask shaped like tokens \(2, 4\), without positions; got \(2, 3\)"):
+        model(tokens, rows=torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_bad_tokens_say_what_was_wrong():

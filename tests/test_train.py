@@ -154,3 +154,18 @@ def test_adamw_matches_torch_optim(monkeypatch, fused):
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_threads_one_for_tiny_models_all_for_large_ones_or_as_set():
+    from qkov.store import RunConfig
+    from qkov.train import threads_for
+
+    def rc(name, **train):
+        task = get_task(name)
+        return RunConfig(task, task.model_config(), task.train_config().replace(**train), 0)
+
+    assert threads_for(rc("max"), 8) == 1              # 512 x 6 tokens, d_model 32
+    assert threads_for(rc("modadd"), 8) == 8           # full batch of 3,831, d_mlp 512
+    assert threads_for(rc("max", threads=3), 8) == 3
+    with pytest.raises(QkovError, match="threads=-1 must be an integer >= 0"):
+        get_task("max").train_config().replace(threads=-1)
