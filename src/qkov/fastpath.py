@@ -260,45 +260,120 @@ class _AttendMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
                 *tables: Tensor) -> tuple[Tensor, ...]:
-        nk, B, P, h = idx.shape
-        scores = s_flat.index_select(0, idx.reshape(-1)).view(nk, B, P, h)
-        scores.masked_fill_(masked, float("-inf"))
-        # Softmax over the leading key dim: vectorised across the batch on CPU.
-        pattern = scores.sub_(scores.amax(0, keepdim=True)).exp_()
-        pattern.div_(pattern.sum(0, keepdim=True))
-        mix = pattern.permute(1, 2, 0, 3).reshape(B, P, nk * h)                    # [b, p, k*h]
-        outs, saved_rows = [], []
-        for ov, sk in zip(tables[0::2], tables[1::2]):
-            w = sk.shape[-1]
-            rows = ov.index_select(0, k_rows.reshape(-1)).view(B, nk * h, w)        # [b, k*h, w]
-            skip = sk.index_select(0, q_rows.reshape(-1)).view(B, P, w)             # [b, p, w]
-            outs.append(torch.baddbmm(skip, mix, rows))
-            saved_rows.append(rows)
-        ctx.shapes = (s_flat.shape[0], [(ov.shape, sk.shape) for ov, sk in zip(tables[0::2], tables[1::2])])
-        ctx.save_for_backward(idx, k_rows, q_rows, pattern, mix, *saved_rows)
-        return tuple(outs)
+        outs, ctx.state = _attend_mix_forward(s_flat, idx, masked, k_rows, q_rows, tables)
+        return outs
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        idx, k_rows, q_rows, pattern, mix, *rows = ctx.saved_tensors
-        n_scores, shapes = ctx.shapes
-        nk, B, P, h = idx.shape
-        g_tables, g_mix = [], None
-        for g, r, (ov_shape, sk_shape) in zip(grads, rows, shapes):
-            g = g.contiguous()                                                     # [b, p, w]
-            gm = torch.bmm(g, r.transpose(1, 2))                                   # [b, p, k*h]
-            g_mix = gm if g_mix is None else g_mix.add_(gm)
-            g_rows = torch.bmm(mix.transpose(1, 2), g)                             # [b, k*h, w]
-            g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
-            g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
-            g_tables += [g_ov, g_sk]
-        # Softmax backward: g_s = pattern * (g_pattern - Σ_k pattern · g_pattern); masked keys
-        # have pattern 0 and so get 0.
-        g_pat = g_mix.view(B, P, nk, h).permute(2, 0, 1, 3)                      # [k, b, p, h]
-        g_s = g_pat - (pattern * g_pat).sum(0, keepdim=True)
-        g_s.mul_(pattern)
-        g_flat = g_s.new_zeros(n_scores).index_add_(0, idx.reshape(-1), g_s.reshape(-1))
+        g_flat, g_tables = _attend_mix_backward(ctx.state, grads)
+        del ctx.state
         return (g_flat, None, None, None, None, *g_tables)
+
+
+def _attend_mix_forward(s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
+                        tables: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], tuple]:
+    """:class:`_AttendMix`'s forward: the outputs and what its backward needs."""
+    nk, B, P, h = idx.shape
+    scores = s_flat.index_select(0, idx.reshape(-1)).view(nk, B, P, h)
+    scores.masked_fill_(masked, float("-inf"))
+    # Softmax over the leading key dim: vectorised across the batch on CPU.
+    pattern = scores.sub_(scores.amax(0, keepdim=True)).exp_()
+    pattern.div_(pattern.sum(0, keepdim=True))
+    mix = pattern.permute(1, 2, 0, 3).reshape(B, P, nk * h)                    # [b, p, k*h]
+    outs, saved_rows = [], []
+    for ov, sk in zip(tables[0::2], tables[1::2]):
+        w = sk.shape[-1]
+        rows = ov.index_select(0, k_rows.reshape(-1)).view(B, nk * h, w)        # [b, k*h, w]
+        skip = sk.index_select(0, q_rows.reshape(-1)).view(B, P, w)             # [b, p, w]
+        outs.append(torch.baddbmm(skip, mix, rows))
+        saved_rows.append(rows)
+    shapes = [(ov.shape, sk.shape) for ov, sk in zip(tables[0::2], tables[1::2])]
+    return tuple(outs), (s_flat.shape[0], shapes, idx, k_rows, q_rows, pattern, mix, saved_rows)
+
+
+def _attend_mix_backward(state: tuple, grads: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """:class:`_AttendMix`'s backward: gradients of the flat score table and of each table."""
+    n_scores, shapes, idx, k_rows, q_rows, pattern, mix, rows = state
+    nk, B, P, h = idx.shape
+    g_tables, g_mix = [], None
+    for g, r, (ov_shape, sk_shape) in zip(grads, rows, shapes):
+        g = g.contiguous()                                                     # [b, p, w]
+        gm = torch.bmm(g, r.transpose(1, 2))                                   # [b, p, k*h]
+        g_mix = gm if g_mix is None else g_mix.add_(gm)
+        g_rows = torch.bmm(mix.transpose(1, 2), g)                             # [b, k*h, w]
+        g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
+        g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
+        g_tables += [g_ov, g_sk]
+    # Softmax backward: g_s = pattern * (g_pattern - Σ_k pattern · g_pattern); masked keys
+    # have pattern 0 and so get 0.
+    g_pat = g_mix.view(B, P, nk, h).permute(2, 0, 1, 3)                      # [k, b, p, h]
+    g_s = g_pat - (pattern * g_pat).sum(0, keepdim=True)
+    g_s.mul_(pattern)
+    g_flat = g_s.new_zeros(n_scores).index_add_(0, idx.reshape(-1), g_s.reshape(-1))
+    return g_flat, g_tables
+
+
+class _AttnOnlyLogits(torch.autograd.Function):
+    """Logits at the scored positions of a one-layer attention-only model without LayerNorm,
+    straight from its parameters, with the whole backward written out (no autograd graph).
+
+    The tables of :class:`_PushedForward` (queries and keys, values pushed through ``W_O W_U``,
+    the skip path ``x W_U``) are built here and differentiated by hand around
+    :func:`_attend_mix_forward` / :func:`_attend_mix_backward`. For ``max``, recording and
+    replaying autograd's ~60 small nodes cost as much as the arithmetic. Inputs:
+    ``(fwd, tokens, W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, W_U, b_U)``.
+    """
+
+    @staticmethod
+    def forward(ctx, fwd, tokens, W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, W_U, b_U):
+        B, n = tokens.shape
+        V, d = W_E.shape
+        h, _, e = W_Q.shape
+        P, nk, pos_idx = len(fwd.positions), fwd.n_keys, fwd.pos_idx
+        x_tab = W_E[None] + W_pos[:n, None]                                     # [n, V, d]
+        xq, xk = x_tab[pos_idx].reshape(P * V, d), x_tab[:nk].reshape(nk * V, d)
+        Wq, Wk, Wv = (W.permute(1, 0, 2).reshape(d, h * e) for W in (W_Q, W_K, W_V))   # [d, h*e]
+        q = torch.addmm(b_Q.reshape(-1), xq, Wq).view(P * V, h, e).transpose(0, 1)     # [h, p*V, e]
+        k = torch.addmm(b_K.reshape(-1), xk, Wk).view(nk * V, h, e).transpose(0, 1)    # [h, k*V, e]
+        v = torch.addmm(b_V.reshape(-1), xk, Wv).view(nk * V, h, e).transpose(0, 1)    # [h, k*V, e]
+        scale = e**-0.5
+        s_tab = torch.bmm(k, q.transpose(1, 2)).mul_(scale)                     # [h, k*V, p*V]
+        W_OU = (W_O.reshape(h * e, d) @ W_U).view(h, e, -1)                     # [h, e, v_out]
+        ov = torch.bmm(v, W_OU).transpose(0, 1).reshape(nk * V, -1)             # [k*V, h*v_out]
+        skip = torch.addmm(b_O @ W_U + b_U, xq, W_U)                            # [p*V, v_out]
+        q_rows = fwd._query_rows(tokens, V)                                     # [b, p]
+        k_rows = torch.arange(nk) * V + tokens[:, :nk]                          # [b, k]
+        idx = fwd._score_index(k_rows, q_rows, h, V)                            # [k, b, p, h]
+        (out,), state = _attend_mix_forward(s_tab.reshape(-1), idx, fwd._masked, k_rows, q_rows, (ov, skip))
+        ctx.state = (state, xq, xk, Wq, Wk, Wv, q, k, v, W_OU, scale, (n, V, d, h, e, P, nk), pos_idx)
+        ctx.save_for_backward(W_pos, W_O, b_O, W_U)
+        return out                                                              # [b, p, v_out]
+
+    @staticmethod
+    def backward(ctx, g_out):
+        state, xq, xk, Wq, Wk, Wv, q, k, v, W_OU, scale, (n, V, d, h, e, P, nk), pos_idx = ctx.state
+        del ctx.state
+        W_pos, W_O, b_O, W_U = ctx.saved_tensors
+        g_s, (g_ov, g_skip) = _attend_mix_backward(state, (g_out,))
+        g_s = g_s.view(h, nk * V, P * V).mul_(scale)
+        g_q = torch.bmm(g_s.transpose(1, 2), k).transpose(0, 1).reshape(P * V, h * e)
+        g_k = torch.bmm(g_s, q).transpose(0, 1).reshape(nk * V, h * e)
+        g_ov = g_ov.view(nk * V, h, -1).transpose(0, 1)                         # [h, k*V, v_out]
+        g_v = torch.bmm(g_ov, W_OU.transpose(1, 2)).transpose(0, 1).reshape(nk * V, h * e)
+        g_WOU = torch.bmm(v.transpose(1, 2), g_ov).reshape(h * e, -1)           # [h*e, v_out]
+        g_sum = g_skip.sum(0)                                                   # [v_out]
+        # q, k, v = x W + b; skip = x_q W_U + b_O W_U + b_U; W_OU = W_O W_U; x = W_E + W_pos.
+        g_x = xq.new_zeros(n, V, d)
+        g_x.index_add_(0, pos_idx, torch.addmm(g_skip @ W_U.T, g_q, Wq.T).view(P, V, d))
+        g_x[:nk] += torch.addmm(g_k @ Wk.T, g_v, Wv.T).view(nk, V, d)
+        g_W_pos = torch.zeros_like(W_pos)
+        g_W_pos[:n] = g_x.sum(1)
+        per_head = lambda x, g: (x.T @ g).view(d, h, e).permute(1, 0, 2).contiguous()  # noqa: E731
+        g_W_U = W_O.reshape(h * e, d).T @ g_WOU + xq.T @ g_skip + torch.outer(b_O, g_sum)
+        return (None, None, g_x.sum(0), g_W_pos,
+                per_head(xq, g_q), g_q.sum(0).view(h, e), per_head(xk, g_k), g_k.sum(0).view(h, e),
+                per_head(xk, g_v), g_v.sum(0).view(h, e), (g_WOU @ W_U.T).view(h, e, d), W_U @ g_sum,
+                g_W_U, g_sum)
 
 
 class _PushedForward(_TableForward):
@@ -306,6 +381,12 @@ class _PushedForward(_TableForward):
 
     def __call__(self, tokens: Tensor) -> Tensor:
         model, block, attn = self.model, self.block, self.block.attn
+        if not hasattr(block, "mlp") and len(self.positions) > 1:
+            tokens = model._check_tokens(tokens)
+            if self._use_score_table(len(tokens), model.cfg.d_vocab):
+                return _AttnOnlyLogits.apply(self, tokens, model.embed.W_E, model.pos_embed.W_pos, attn.W_Q,
+                                             attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V, attn.W_O,
+                                             attn.b_O, model.unembed.W_U, model.unembed.b_U)
         tokens, x_tab = self._embed_table(tokens)                               # [n, V, d]
         B, P, W_U = len(tokens), len(self.positions), model.unembed.W_U
         q_tab, k_tab, v_tab = self._qkv_tables(x_tab)                           # [p|k, V, h, e]
