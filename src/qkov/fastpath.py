@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Transformer
+from .model import Transformer, heads_matrix
 
 
 def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
@@ -65,7 +65,7 @@ def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     """``x [..., d] @ W [h, d, e] + b [h, e]`` -> ``[..., h, e]``: one matmul over all heads
     (at these sizes an einsum's permutes and batched matmul cost more than the product)."""
     h, d, e = W.shape
-    out = torch.addmm(b.reshape(h * e), x.reshape(-1, d), W.transpose(0, 1).reshape(d, h * e))
+    out = torch.addmm(b.reshape(h * e), x.reshape(-1, d), heads_matrix(W))
     return out.view(*x.shape[:-1], h, e)
 
 
@@ -128,7 +128,7 @@ class _TableForward:
         B, P = len(tokens), len(self.positions)
         # Row j*V + t of a flattened table is token t at (scored or key) position j.
         q_rows = self._query_rows(tokens, V)                                   # [b, p]
-        k_rows = torch.arange(nk) * V + tokens[:, :nk]                         # [b, k]
+        k_rows = self._key_rows(tokens, V)                                     # [b, k]
         if self._use_score_table(B, V):
             idx = self._score_index(k_rows, q_rows, h, V)                      # [k, b, p, h]
             scores = self._score_table(q_tab, k_tab).reshape(-1).index_select(0, idx.reshape(-1)).view(nk, B, P, h)
@@ -150,7 +150,7 @@ class _TableForward:
             # the hand-written backward of _AttendMix (the step's cost at these sizes is autograd's
             # per-op overhead, not arithmetic).
             q_rows = self._query_rows(tokens, V)
-            k_rows = torch.arange(nk) * V + tokens[:, :nk]
+            k_rows = self._key_rows(tokens, V)
             flat = []
             for ov, sk in tables:
                 flat += [ov.reshape(nk * V, -1), sk.reshape(P * V, -1)]
@@ -164,6 +164,10 @@ class _TableForward:
         """Row ``i*V + t`` of a table over (scored position i, token t), per example."""
         return torch.arange(len(self.positions)) * V + tokens[:, self.pos_idx]   # [b, p]
 
+    def _key_rows(self, tokens: Tensor, V: int) -> Tensor:
+        """Row ``j*V + t`` of a table over (key position j, token t), per example."""
+        return torch.arange(self.n_keys) * V + tokens[:, :self.n_keys]         # [b, k]
+
     def _mix(self, tokens: Tensor, pattern: Tensor, tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
         """``Σ_(k,h) pattern · ov_tab[k, token_k, h] + skip_tab[p, token_p]`` per (example, scored position).
 
@@ -174,7 +178,7 @@ class _TableForward:
         """
         B, P, nk, h = pattern.shape
         V = tables[0][0].shape[1]
-        kv = (torch.arange(nk) * V + tokens[:, :nk]) * h                       # [b, k]
+        kv = self._key_rows(tokens, V) * h                                     # [b, k]
         rows = (kv[:, :, None] + torch.arange(h)).reshape(B, 1, nk * h).expand(B, P, nk * h)
         skip = nk * V * h + self._query_rows(tokens, V)                        # [b, p]
         rows = torch.cat([rows, skip[..., None]], dim=-1)                      # [b, p, k*h + 1]
@@ -187,7 +191,7 @@ class _TableForward:
         once and shared by all its scored positions (cheaper than bags when there are several)."""
         B, P, nk, h = pattern.shape
         V = tables[0][0].shape[1]
-        k_rows = (torch.arange(nk) * V + tokens[:, :nk]).reshape(-1)          # [b*k]
+        k_rows = self._key_rows(tokens, V).reshape(-1)                         # [b*k]
         q_rows = self._query_rows(tokens, V).reshape(-1)                       # [b*p]
         mix = pattern.reshape(B, P, nk * h)                                    # [b, p, k*h]
         out = []
@@ -332,7 +336,7 @@ class _AttnOnlyLogits(torch.autograd.Function):
         P, nk, pos_idx = len(fwd.positions), fwd.n_keys, fwd.pos_idx
         x_tab = W_E[None] + W_pos[:n, None]                                     # [n, V, d]
         xq, xk = x_tab[pos_idx].reshape(P * V, d), x_tab[:nk].reshape(nk * V, d)
-        Wq, Wk, Wv = (W.permute(1, 0, 2).reshape(d, h * e) for W in (W_Q, W_K, W_V))   # [d, h*e]
+        Wq, Wk, Wv = (heads_matrix(W) for W in (W_Q, W_K, W_V))                 # [d, h*e]
         q = torch.addmm(b_Q.reshape(-1), xq, Wq).view(P * V, h, e).transpose(0, 1)     # [h, p*V, e]
         k = torch.addmm(b_K.reshape(-1), xk, Wk).view(nk * V, h, e).transpose(0, 1)    # [h, k*V, e]
         v = torch.addmm(b_V.reshape(-1), xk, Wv).view(nk * V, h, e).transpose(0, 1)    # [h, k*V, e]
@@ -342,7 +346,7 @@ class _AttnOnlyLogits(torch.autograd.Function):
         ov = torch.bmm(v, W_OU).transpose(0, 1).reshape(nk * V, -1)             # [k*V, h*v_out]
         skip = torch.addmm(b_O @ W_U + b_U, xq, W_U)                            # [p*V, v_out]
         q_rows = fwd._query_rows(tokens, V)                                     # [b, p]
-        k_rows = torch.arange(nk) * V + tokens[:, :nk]                          # [b, k]
+        k_rows = fwd._key_rows(tokens, V)                                       # [b, k]
         idx = fwd._score_index(k_rows, q_rows, h, V)                            # [k, b, p, h]
         (out,), state = _attend_mix_forward(s_tab.reshape(-1), idx, fwd._masked, k_rows, q_rows, (ov, skip))
         ctx.state = (state, xq, xk, Wq, Wk, Wv, q, k, v, W_OU, scale, (n, V, d, h, e, P, nk), pos_idx)

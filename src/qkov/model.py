@@ -107,11 +107,18 @@ class Attention(nn.Module):
         return z.reshape(*z.shape[:2], h * e) @ self.W_O.reshape(h * e, d) + self.b_O   # [b, p, d]
 
 
+def heads_matrix(W: Tensor) -> Tensor:
+    """Per-head input weights ``W [h, d, e]`` side by side as one ``[d, h*e]`` matrix, so that
+    ``x @ heads_matrix(W)`` projects onto every head in one matmul."""
+    h, d, e = W.shape
+    return W.permute(1, 0, 2).reshape(d, h * e)
+
+
 def _heads_in(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     """``x [b, p, d] @ W [h, d, e] + b [h, e]`` -> ``[b, p, h, e]`` as one matmul over all heads
     (torch's CPU einsum for this took 40x longer at the induction model's sizes)."""
-    h, d, e = W.shape
-    return (x @ W.permute(1, 0, 2).reshape(d, h * e)).view(*x.shape[:-1], h, e) + b
+    h, _, e = W.shape
+    return (x @ heads_matrix(W)).view(*x.shape[:-1], h, e) + b
 
 
 class MLP(nn.Module):

@@ -108,13 +108,20 @@ class _Trainer:
         self.gen = torch.Generator().manual_seed(rc.seed)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
-        self.forward = self._make_forward()
-        self.eval_model = self._eval_model()
+        self._bind_model()
         if self.task.finite:
             self.train_data = self.task.dataset("train")
 
     # ---------------------------------------------------------------- the loop
-    def _make_forward(self) -> Callable[[Batch], tuple[Tensor, Tensor]]:
+    def _bind_model(self) -> None:
+        """The training forward and the evaluation stand-in for ``self.model``, sharing one
+        fast path where it applies."""
+        pos = self.task.scored_positions
+        fast = scored_logits_fn(self.model, self.task) if pos is not None else None
+        self.forward = self._make_forward(fast)
+        self.eval_model = self._eval_model(fast)
+
+    def _make_forward(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Batch], tuple[Tensor, Tensor]]:
         """Logits and targets for the positions the loss reads, computing only those."""
         pos = self.task.scored_positions
         if pos is None:
@@ -125,16 +132,14 @@ class _Trainer:
                 return self.model(b.tokens, rows=rows), b.targets[rows]
 
             return scored_rows
-        fast = scored_logits_fn(self.model, self.task)
         fn = fast if fast is not None else (lambda tokens: self.model(tokens, positions=pos))
         return lambda b: (fn(b.tokens), b.targets[:, pos])
 
-    def _eval_model(self) -> Callable[[Tensor], Tensor]:
+    def _eval_model(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
         """What evaluation runs: the model or, where the fast path applies and the task is scored
         by the base ``Task.evaluate`` (which reads logits only at scored positions), a stand-in
         that computes the scored positions' logits only and leaves zeros elsewhere."""
         pos = self.task.scored_positions
-        fast = scored_logits_fn(self.model, self.task) if pos is not None else None
         if fast is None or type(self.task).evaluate is not Task.evaluate:
             return self.model
         where = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
@@ -276,8 +281,7 @@ class _Trainer:
         self.gen.set_state(tensors["rng"])
         self.step = step
         self.metrics = [r for r in store.read_metrics(path) if r["step"] <= step]
-        self.forward = self._make_forward()
-        self.eval_model = self._eval_model()
+        self._bind_model()
 
 
 def _prepare_out(out: Path, rc: RunConfig) -> None:
