@@ -169,3 +169,12 @@ def test_threads_one_for_tiny_models_all_for_large_ones_or_as_set():
     assert threads_for(rc("max", threads=3), 8) == 3
     with pytest.raises(QkovError, match="threads=-1 must be an integer >= 0"):
         get_task("max").train_config().replace(threads=-1)
+
+
+def test_multithreaded_runs_repeat_bit_exactly():
+    """Same seed, configs and thread count -> identical weights, also with two threads and the
+    plain forward (induction): the embedding's backward once summed in a varying order."""
+    task = get_task("induction")
+    cfg = task.train_config().replace(steps=30, eval_every=30, threads=2)
+    a, b = (qkov.train(task, seed=0, train_config=cfg, quiet=True) for _ in range(2))
+    assert_same(weights(a.model), weights(b.model))

@@ -262,7 +262,9 @@ class Transformer(nn.Module):
     def _forward(self, tokens: Tensor, rec, positions, rows: Tensor | None = None) -> Tensor:
         tokens = self._check_tokens(tokens)
         n = tokens.shape[1]
-        embed = self.embed.W_E[tokens]                                          # [b, p, d]
+        # F.embedding, not W_E[tokens]: indexing's backward accumulates with index_put_, whose
+        # order varies between runs with more than one thread; embedding's backward does not.
+        embed = F.embedding(tokens, self.embed.W_E)                             # [b, p, d]
         pos_embed = self.pos_embed.W_pos[:n].expand_as(embed)                   # [b, p, d]
         rec("hook_embed", embed)
         rec("hook_pos_embed", pos_embed)
