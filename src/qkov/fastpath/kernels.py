@@ -1,0 +1,126 @@
+"""Hand-written autograd kernels of the fast path: pattern-weighted bags of table rows, and
+attention read from a score table followed by the mixing, with their backwards written out."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _WeightedBag(torch.autograd.Function):
+    """``out[i] = Σ_j weights[i, j] · table[rows[i, j]]`` for each table: ``F.embedding_bag`` (sum).
+
+    Torch's own backward for ``per_sample_weights`` is slow on CPU, so this one is written out:
+    the weights' gradient is ``grad @ tableᵀ`` sampled at the bag entries (a sparse
+    ``sampled_addmm``), and a table's gradient is itself an embedding_bag, with one bag per
+    table row holding the examples that read it. ``rows`` must increase along each bag. Several
+    tables mixed by the same bags give separate outputs (no concatenated output to split).
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, rows: Tensor, *tables: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(weights, rows, *tables)
+        return tuple(F.embedding_bag(rows, t, per_sample_weights=weights, mode="sum") for t in tables)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        weights, rows, *tables = ctx.saved_tensors
+        n, s = rows.shape
+        n_rows = tables[0].shape[0]
+        flat = rows.reshape(-1)
+        g_weights = None
+        if ctx.needs_input_grad[0]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                bags = torch.sparse_csr_tensor(torch.arange(0, n * s + 1, s), flat, weights.reshape(-1), size=(n, n_rows))
+                for grad, table in zip(grads, tables):
+                    g = torch.sparse.sampled_addmm(bags, grad.contiguous(), table.T, beta=0.0).values()
+                    g_weights = g if g_weights is None else g_weights + g
+            g_weights = g_weights.view(n, s)
+        g_tables = [None] * len(tables)
+        if any(ctx.needs_input_grad[2:]):
+            order = flat.argsort()
+            offsets = torch.zeros(n_rows, dtype=torch.long)
+            offsets[1:] = torch.bincount(flat, minlength=n_rows)[:-1].cumsum(0)
+            bag_of, w = order // s, weights.reshape(-1)[order]
+            for i, grad in enumerate(grads):
+                if ctx.needs_input_grad[2 + i]:
+                    g_tables[i] = F.embedding_bag(bag_of, grad.contiguous(), offsets, mode="sum", per_sample_weights=w)
+        return (g_weights, None, *g_tables)
+
+
+class _AttendMix(torch.autograd.Function):
+    """Attention read from a score table, then pattern-weighted sums of value-table rows, with
+    the backward written out by hand.
+
+    Forward, per example ``b`` and scored position ``p``::
+
+        pattern[k, b, p, h] = softmax over causal keys k of s_tab[h, k_rows[b, k], q_rows[b, p]]
+        out_i[b, p] = Σ_(k,h) pattern[k, b, p, h] · ov_i[k_rows[b, k], h] + skip_i[q_rows[b, p]]
+
+    Autograd on the same ops records ~40 small nodes (gathers, permutes, masks, softmax, bmm);
+    here the backward is the chain rule in a dozen calls: a ``bmm`` pair per table for the
+    pattern's and the rows' gradients, ``index_add_`` to scatter them into the tables, and the
+    softmax's Jacobian-vector product done in place. ``tables`` are ``(ov_i [k*V, h*w_i],
+    skip_i [p*V, w_i])`` pairs, flattened; outputs are ``[b, p, w_i]``.
+    """
+
+    @staticmethod
+    def forward(ctx, s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
+                *tables: Tensor) -> tuple[Tensor, ...]:
+        outs, ctx.state = _attend_mix_forward(s_flat, idx, masked, k_rows, q_rows, tables)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        g_flat, g_tables = _attend_mix_backward(ctx.state, grads)
+        del ctx.state
+        return (g_flat, None, None, None, None, *g_tables)
+
+
+def _attend_mix_forward(s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
+                        tables: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], tuple]:
+    """:class:`_AttendMix`'s forward: the outputs and what its backward needs."""
+    nk, B, P, h = idx.shape
+    scores = s_flat.index_select(0, idx.reshape(-1)).view(nk, B, P, h)
+    scores.masked_fill_(masked, float("-inf"))
+    # Softmax over the leading key dim: vectorised across the batch on CPU.
+    pattern = scores.sub_(scores.amax(0, keepdim=True)).exp_()
+    pattern.div_(pattern.sum(0, keepdim=True))
+    mix = pattern.permute(1, 2, 0, 3).reshape(B, P, nk * h)                    # [b, p, k*h]
+    outs, saved_rows = [], []
+    for ov, sk in zip(tables[0::2], tables[1::2]):
+        w = sk.shape[-1]
+        rows = ov.index_select(0, k_rows.reshape(-1)).view(B, nk * h, w)        # [b, k*h, w]
+        skip = sk.index_select(0, q_rows.reshape(-1)).view(B, P, w)             # [b, p, w]
+        outs.append(torch.baddbmm(skip, mix, rows))
+        saved_rows.append(rows)
+    shapes = [(ov.shape, sk.shape) for ov, sk in zip(tables[0::2], tables[1::2])]
+    return tuple(outs), (s_flat.shape[0], shapes, idx, k_rows, q_rows, pattern, mix, saved_rows)
+
+
+def _attend_mix_backward(state: tuple, grads: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """:class:`_AttendMix`'s backward: gradients of the flat score table and of each table."""
+    n_scores, shapes, idx, k_rows, q_rows, pattern, mix, rows = state
+    nk, B, P, h = idx.shape
+    g_tables, g_mix = [], None
+    for g, r, (ov_shape, sk_shape) in zip(grads, rows, shapes):
+        g = g.contiguous()                                                     # [b, p, w]
+        gm = torch.bmm(g, r.transpose(1, 2))                                   # [b, p, k*h]
+        g_mix = gm if g_mix is None else g_mix.add_(gm)
+        g_rows = torch.bmm(mix.transpose(1, 2), g)                             # [b, k*h, w]
+        g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
+        g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
+        g_tables += [g_ov, g_sk]
+    # Softmax backward: g_s = pattern * (g_pattern - Σ_k pattern · g_pattern); masked keys
+    # have pattern 0 and so get 0.
+    g_pat = g_mix.view(B, P, nk, h).permute(2, 0, 1, 3)                      # [k, b, p, h]
+    g_s = g_pat - (pattern * g_pat).sum(0, keepdim=True)
+    g_s.mul_(pattern)
+    g_flat = g_s.new_zeros(n_scores).index_add_(0, idx.reshape(-1), g_s.reshape(-1))
+    return g_flat, g_tables
+
