@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qkov.config import ModelConfig
-from qkov.fastpath import scored_logits_fn
+from qkov.fastpath import scored_logits_fn, scored_loss_fn
 from qkov.model import Transformer
-from qkov.tasks import get_task
+from qkov.tasks import IGNORE, get_task
 
 
 
@@ -117,3 +117,69 @@ def test_gradients_train_the_same_model():
         finals.append(model.state_dict())
     for k in finals[0]:
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-8, atol=1e-9)
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_fused_attention_only_loss_equals_cross_entropy_of_the_plain_forward(seed, ignored):
+    """The max model's training loss (cross-entropy fused into the hand-written kernel) and its
+    gradients equal task.loss of model(tokens, positions=...), with and without ignored targets."""
+    task = get_task("max")
+    pos = task.scored_positions
+    model = _randomised(task.model_config().replace(n_heads=2, d_head=8), torch.float32, seed)
+    batch = task.sample(256, torch.Generator().manual_seed(seed))
+    targets = batch.targets[:, pos].clone()
+    if ignored:
+        targets[::3, 1] = IGNORE
+        targets[5] = IGNORE
+    fused_fn = scored_loss_fn(model, task)
+    assert type(fused_fn(batch.tokens, targets).grad_fn).__name__ == "_AttnOnlyLossBackward"
+    plain_loss, plain_grads = _loss_and_grads(model, lambda: task.loss(model(batch.tokens, positions=pos), targets))
+    fused_loss, fused_grads = _loss_and_grads(model, lambda: fused_fn(batch.tokens, targets))
+    assert model.blocks[0].attn.W_Q.grad is not None
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_loss_fn_falls_back_to_the_task_loss_where_nothing_is_fused():
+    """An MLP model (add) and a float64 max model go through task.loss of the fast logits."""
+    add = get_task("add", max_sum=20)
+    model = Transformer(add.model_config(), seed=0)
+    batch = add.dataset("train")
+    t = batch.targets[:, add.scored_positions]
+    want = add.loss(model(batch.tokens, positions=add.scored_positions), t)
+    torch.testing.assert_close(scored_loss_fn(model, add)(batch.tokens, t), want)
+    task = get_task("max")
+    model = Transformer(task.model_config(), seed=0).double()
+    batch = task.sample(128, torch.Generator().manual_seed(0))
+    t = batch.targets[:, task.scored_positions]
+    want = task.loss(model(batch.tokens, positions=task.scored_positions), t)
+    torch.testing.assert_close(scored_loss_fn(model, task)(batch.tokens, t), want)
+
+
+def test_reused_work_buffers_never_mix_two_pending_backwards():
+    """Two forwards before either backward: the second cannot borrow the first's work tensors
+    (Scratch leases), so both give their own gradients, equal to separate runs."""
+    task = get_task("max")
+    pos = task.scored_positions
+    model = Transformer(task.model_config(), seed=0)
+    fn = scored_loss_fn(model, task)
+    b1, b2 = (task.sample(512, torch.Generator().manual_seed(s)) for s in (1, 2))
+    singles = [_loss_and_grads(model, lambda b=b: fn(b.tokens, b.targets[:, pos]))[1] for b in (b1, b2)]
+    model.zero_grad(set_to_none=True)
+    l1 = fn(b1.tokens, b1.targets[:, pos])
+    l2 = fn(b2.tokens, b2.targets[:, pos])
+    l2.backward()
+    l1.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, singles[0][name] + singles[1][name], rtol=1e-5, atol=1e-7)

@@ -178,3 +178,34 @@ def test_multithreaded_runs_repeat_bit_exactly():
     cfg = task.train_config().replace(steps=30, eval_every=30, threads=2)
     a, b = (qkov.train(task, seed=0, train_config=cfg, quiet=True) for _ in range(2))
     assert_same(weights(a.model), weights(b.model))
+
+
+def test_nll_and_prediction_match_log_softmax_and_argmax_ties_included():
+    from qkov.tasks.base import _nll_and_prediction
+
+    gen = torch.Generator().manual_seed(0)
+    logits = 5 * torch.randn(200, 5, 64, generator=gen)
+    logits[:20] = logits[:20].round()                                           # many exact ties
+    logits[20:30] = 0.0                                                         # all tied: argmax 0
+    targets = torch.randint(0, 64, (200, 5), generator=gen)
+    nll, pred = _nll_and_prediction(logits, targets)
+    torch.testing.assert_close(nll, -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0])
+    assert torch.equal(pred, logits.argmax(-1))
+
+
+def test_evaluating_through_the_fast_path_equals_the_model():
+    """The trainer evaluates max through its fast path (logits at the scored positions only);
+    the metrics equal task.evaluate(model) on the full forward."""
+    task = get_task("max")
+    trainer = _Trainer(qkov.store.RunConfig(task, task.model_config(), task.train_config(), 0), None, True)
+    assert trainer.eval_model is not trainer.model and trainer.eval_model.logits_positions == task.scored_positions
+    with torch.no_grad():
+        trainer.model.blocks[0].attn.W_Q.mul_(3.0)                              # a less uniform pattern
+    fast, full = task.evaluate(trainer.eval_model), task.evaluate(trainer.model)
+    assert fast.keys() == full.keys() and fast["by_length"].keys() == full["by_length"].keys()
+    assert fast["accuracy"] == full["accuracy"] and fast["n"] == full["n"]
+    assert fast["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    for length, g in full["by_length"].items():
+        assert fast["by_length"][length]["accuracy"] == g["accuracy"]
+    with pytest.raises(ValueError, match="reads others"):
+        task._measure(trainer.eval_model, task.eval_batch(), [torch.ones_like(task.eval_batch().scored)])

@@ -297,11 +297,13 @@ class Transformer(nn.Module):
                 f"a sequence of {tokens.shape[1]} tokens is longer than n_ctx={self.cfg.n_ctx}; "
                 f"shorten it or use a model with a larger n_ctx"
             )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise QkovError(
-                f"token ids must lie in 0..{self.cfg.d_vocab - 1} (d_vocab={self.cfg.d_vocab}); "
-                f"got ids from {int(tokens.min())} to {int(tokens.max())}"
-            )
+        if tokens.numel():
+            lo, hi = (int(x) for x in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.cfg.d_vocab:
+                raise QkovError(
+                    f"token ids must lie in 0..{self.cfg.d_vocab - 1} (d_vocab={self.cfg.d_vocab}); "
+                    f"got ids from {lo} to {hi}"
+                )
         return tokens.long()
 
     # ------------------------------------------- stacked weights, as in TransformerLens

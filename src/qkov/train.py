@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import store
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
-from .fastpath import scored_logits_fn
+from .fastpath import scored_logits_fn, scored_loss_fn
 from .model import Transformer
 from .optim import AdamW
 from .store import RunConfig
@@ -114,43 +114,37 @@ class _Trainer:
 
     # ---------------------------------------------------------------- the loop
     def _bind_model(self) -> None:
-        """The training forward and the evaluation stand-in for ``self.model``, sharing one
-        fast path where it applies."""
+        """The training loss and the evaluation stand-in for ``self.model``, sharing one fast
+        path where it applies."""
         pos = self.task.scored_positions
         fast = scored_logits_fn(self.model, self.task) if pos is not None else None
-        self.forward = self._make_forward(fast)
+        self.loss_of = self._make_loss(fast)
         self.eval_model = self._eval_model(fast)
 
-    def _make_forward(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Batch], tuple[Tensor, Tensor]]:
-        """Logits and targets for the positions the loss reads, computing only those."""
-        pos = self.task.scored_positions
+    def _make_loss(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Batch], Tensor]:
+        """The task's loss on a batch, computing logits only where it reads them."""
+        pos, task = self.task.scored_positions, self.task
         if pos is None:
             # Positions that vary by example: unembed (the largest matmul) and score only the
             # rows with a target.
-            def scored_rows(b: Batch) -> tuple[Tensor, Tensor]:
+            def scored_rows(b: Batch) -> Tensor:
                 rows = b.targets != IGNORE
-                return self.model(b.tokens, rows=rows), b.targets[rows]
+                return task.loss(self.model(b.tokens, rows=rows), b.targets[rows])
 
             return scored_rows
-        fn = fast if fast is not None else (lambda tokens: self.model(tokens, positions=pos))
-        return lambda b: (fn(b.tokens), b.targets[:, pos])
+        loss = scored_loss_fn(self.model, task, fast) if fast is not None else None
+        if loss is None:
+            return lambda b: task.loss(self.model(b.tokens, positions=pos), b.targets[:, pos])
+        return lambda b: loss(b.tokens, b.targets[:, pos])
 
     def _eval_model(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
         """What evaluation runs: the model or, where the fast path applies and the task is scored
-        by the base ``Task.evaluate`` (which reads logits only at scored positions), a stand-in
-        that computes the scored positions' logits only and leaves zeros elsewhere."""
-        pos = self.task.scored_positions
+        by the base ``Task.evaluate`` (which reads logits only at scored positions), the fast
+        path itself: it returns logits at its ``logits_positions`` only, and ``Task._measure``
+        reads them there."""
         if fast is None or type(self.task).evaluate is not Task.evaluate:
             return self.model
-        where = slice(pos[0], pos[-1] + 1) if pos == list(range(pos[0], pos[-1] + 1)) else pos
-
-        def scored_only(tokens: Tensor) -> Tensor:
-            scored = fast(tokens)                                               # [b, p, v]
-            logits = scored.new_zeros(tokens.shape[0], tokens.shape[1], scored.shape[-1])
-            logits[:, where] = scored
-            return logits
-
-        return scored_only
+        return fast
 
     def _batch(self) -> Batch:
         bs = self.cfg.batch_size
@@ -196,8 +190,7 @@ class _Trainer:
             lr = lr_at(self.step, cfg)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            logits, targets = self.forward(self._batch())
-            loss = self.task.loss(logits, targets)
+            loss = self.loss_of(self._batch())
             train_loss = loss.item()
             if not math.isfinite(train_loss):
                 bar.close()

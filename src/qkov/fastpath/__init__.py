@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from torch import Tensor
 
 from ..model import Transformer
+from ..tasks.base import Task
 from .tables import _PushedForward, _ResidForward
 
 
@@ -57,3 +58,36 @@ def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
     if model.cfg.normalization is None:
         return _PushedForward(model, positions)
     return _ResidForward(model, positions)
+
+
+def scored_loss_fn(model, task: Task, logits_fn: Callable[[Tensor], Tensor] | None = None,
+                   ) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """A function ``(tokens [batch, pos], targets [batch, len(positions)]) -> loss``: the task's
+    training loss (``task.loss``) of the logits at its scored positions, through the fast path.
+
+    One-layer attention-only models (``max``) get the cross-entropy fused into the hand-written
+    kernel when the task's loss is the base mean cross-entropy in the weights' dtype; the rest
+    get ``task.loss(scored_logits_fn(model, task)(tokens), targets)``. Returns None where
+    :func:`scored_logits_fn` does. ``logits_fn``: that function, when the caller already has it.
+
+    >>> import torch
+    >>> from qkov.tasks import get_task
+    >>> task = get_task("max")
+    >>> model = Transformer(task.model_config(), seed=0)
+    >>> batch = task.sample(512, torch.Generator().manual_seed(0))
+    >>> targets = batch.targets[:, task.scored_positions]
+    >>> fused = scored_loss_fn(model, task)(batch.tokens, targets)
+    >>> plain = task.loss(model(batch.tokens, positions=task.scored_positions), targets)
+    >>> torch.allclose(fused, plain)
+    True
+    """
+    logits_fn = logits_fn or scored_logits_fn(model, task)
+    if logits_fn is None:
+        return None
+    fused = isinstance(logits_fn, _PushedForward) and type(task).loss is Task.loss
+
+    def loss(tokens: Tensor, targets: Tensor) -> Tensor:
+        out = logits_fn.loss(tokens, targets, task.loss_dtype) if fused else None
+        return out if out is not None else task.loss(logits_fn(tokens), targets)
+
+    return loss

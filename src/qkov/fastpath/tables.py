@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import Transformer, heads_matrix
-from .attn_only import _AttnOnlyLogits
-from .kernels import _AttendMix, _WeightedBag
+from .attn_only import _AttnOnlyLogits, _AttnOnlyLoss
+from .kernels import Scratch, _AttendMix, _WeightedBag
 
 
 
@@ -42,15 +42,15 @@ class _TableForward:
         self.positions = positions
         self.n_keys = max(positions) + 1          # causal: later keys are never read
         self.pos_idx = torch.tensor(positions)
+        self.scratch = Scratch()                   # work tensors reused across steps
+        self.logits_positions = positions          # what the logits cover (read by Task._measure)
         # Keys after a scored query position: masked out of its softmax. [k, 1, p, 1]
         self._masked = torch.arange(self.n_keys)[:, None, None, None] > self.pos_idx[None, None, :, None]
 
-    def _embed_table(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """The checked tokens and the residual stream's start for every (position, token):
+    def _embed_table(self, n: int) -> Tensor:
+        """The residual stream's start for every (position, token) of ``n``-token sequences:
         ``W_E[t] + W_pos[j]`` at ``[j, t]``, ``[n, V, d]``."""
-        tokens = self.model._check_tokens(tokens)
-        W_E, W_pos = self.model.embed.W_E, self.model.pos_embed.W_pos[:tokens.shape[1]]
-        return tokens, W_E[None] + W_pos[:, None]
+        return self.model.embed.W_E[None] + self.model.pos_embed.W_pos[:n, None]
 
     def _qkv_tables(self, x_tab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query, key and value tables ``[p, V, h, e]``, ``[k, V, h, e]``, ``[k, V, h, e]``."""
@@ -111,8 +111,8 @@ class _TableForward:
             flat = []
             for ov, sk in tables:
                 flat += [ov.reshape(nk * V, -1), sk.reshape(P * V, -1)]
-            outs = _AttendMix.apply(self._score_table(q_tab, k_tab).reshape(-1), self._score_index(k_rows, q_rows, h, V),
-                                    self._masked, k_rows, q_rows, *flat)
+            outs = _AttendMix.apply(self.scratch, self._score_table(q_tab, k_tab).reshape(-1),
+                                    self._score_index(k_rows, q_rows, h, V), self._masked, k_rows, q_rows, *flat)
             return tuple(o.view(B * P, -1) for o in outs)
         pattern = self._pattern(tokens, q_tab, k_tab)
         return (self._mix_bmm if P > 1 else self._mix)(tokens, pattern, tables)
@@ -163,15 +163,31 @@ class _TableForward:
 class _PushedForward(_TableForward):
     """No LayerNorm: values pushed through ``W_O W_in`` and ``W_O W_U``, mixed by the pattern."""
 
+    def _attn_only(self, tokens: Tensor) -> bool:
+        """Whether the hand-written attention-only kernels apply: no MLP, several scored
+        positions, and a batch large enough for the score table."""
+        return (not hasattr(self.block, "mlp") and len(self.positions) > 1
+                and self._use_score_table(len(tokens), self.model.cfg.d_vocab))
+
+    def _attn_only_params(self) -> tuple[Tensor, ...]:
+        m, attn = self.model, self.block.attn
+        return (m.embed.W_E, m.pos_embed.W_pos, attn.W_Q, attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V,
+                attn.W_O, attn.b_O, m.unembed.W_U, m.unembed.b_U)
+
+    def loss(self, tokens: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """Mean cross-entropy against ``targets [b, p]`` from the fused attention-only kernel,
+        or None where it does not apply (or the loss wants another dtype than the weights')."""
+        tokens = self.model._check_tokens(tokens)
+        if not self._attn_only(tokens) or self.model.embed.W_E.dtype != dtype:
+            return None
+        return _AttnOnlyLoss.apply(self, tokens, targets, *self._attn_only_params())
+
     def __call__(self, tokens: Tensor) -> Tensor:
         model, block, attn = self.model, self.block, self.block.attn
-        if not hasattr(block, "mlp") and len(self.positions) > 1:
-            tokens = model._check_tokens(tokens)
-            if self._use_score_table(len(tokens), model.cfg.d_vocab):
-                return _AttnOnlyLogits.apply(self, tokens, model.embed.W_E, model.pos_embed.W_pos, attn.W_Q,
-                                             attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V, attn.W_O,
-                                             attn.b_O, model.unembed.W_U, model.unembed.b_U)
-        tokens, x_tab = self._embed_table(tokens)                               # [n, V, d]
+        tokens = model._check_tokens(tokens)
+        if self._attn_only(tokens):
+            return _AttnOnlyLogits.apply(self, tokens, *self._attn_only_params())
+        x_tab = self._embed_table(tokens.shape[1])                              # [n, V, d]
         B, P, W_U = len(tokens), len(self.positions), model.unembed.W_U
         q_tab, k_tab, v_tab = self._qkv_tables(x_tab)                           # [p|k, V, h, e]
         x_q = x_tab[self.pos_idx]                                               # [p, V, d]
@@ -197,7 +213,8 @@ class _ResidForward(_TableForward):
 
     def __call__(self, tokens: Tensor) -> Tensor:
         model, block, attn = self.model, self.block, self.block.attn
-        tokens, resid_tab = self._embed_table(tokens)                           # [n, V, d]
+        tokens = model._check_tokens(tokens)
+        resid_tab = self._embed_table(tokens.shape[1])                          # [n, V, d]
         B, P = len(tokens), len(self.positions)
         q_tab, k_tab, v_tab = self._qkv_tables(block.ln1(resid_tab))            # [p|k, V, h, e]
         ov_tab = _per_head(v_tab, attn.W_O)                                     # [k, V, h, d]
