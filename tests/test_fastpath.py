@@ -38,6 +38,7 @@ CONFIGS = [
     (dict(n_heads=2, d_model=16, d_mlp=20, d_vocab=9, n_ctx=4, normalization="LN"), [2]),
     (dict(n_heads=1, d_model=8, d_mlp=None, d_vocab=6, n_ctx=6, normalization="LN"), [1, 5]),
     (dict(n_heads=4, d_model=16, d_head=4, d_mlp=32, d_vocab=12, d_vocab_out=11, n_ctx=3, use_bias=False), [2]),
+    (dict(n_heads=3, d_model=12, d_head=4, d_mlp=None, d_vocab=7, d_vocab_out=5, n_ctx=7), [1, 3, 4]),
 ]
 
 

@@ -116,73 +116,77 @@ class _AttendMix(torch.autograd.Function):
 
     Forward, per example ``b`` and scored position ``p``::
 
-        pattern[k, b, p, h] = softmax over causal keys k of s_tab[h, k_rows[b, k], q_rows[b, p]]
-        out_i[b, p] = Σ_(k,h) pattern[k, b, p, h] · ov_i[k_rows[b, k], h] + skip_i[q_rows[b, p]]
+        pattern[b, k, h, p] = softmax over causal keys k of s_flat[idx[b, k, h, p]]
+        out_i[b, p] = Σ_(k,h) pattern[b, k, h, p] · ov_i[k_rows[b, k], h] + skip_i[q_rows[b, p]]
 
     Autograd on the same ops records ~40 small nodes (gathers, permutes, masks, softmax, bmm);
-    here the backward is the chain rule in a dozen calls: a ``bmm`` pair per table for the
-    pattern's and the rows' gradients, ``index_add_`` to scatter them into the tables, and the
-    softmax's Jacobian-vector product done in place. ``tables`` are ``(ov_i [k*V, h*w_i],
-    skip_i [p*V, w_i])`` pairs, flattened; outputs are ``[b, p, w_i]``.
+    here the backward is the chain rule in a dozen calls (:func:`_softmax_mix_backward`, then
+    one ``index_add_`` into the score table). ``tables`` are ``(ov_i [k*V, h*w_i], skip_i [p*V,
+    w_i])`` pairs, flattened; outputs are ``[b, p, w_i]``.
     """
 
     @staticmethod
     def forward(ctx, scratch: Scratch, s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor,
                 q_rows: Tensor, *tables: Tensor) -> tuple[Tensor, ...]:
-        outs, ctx.state = _attend_mix_forward(s_flat, idx, masked, k_rows, q_rows, tables, scratch.lease())
+        scores = s_flat.index_select(0, idx.view(-1)).view(idx.shape)           # [b, k, h, p]
+        outs, state = _softmax_mix_forward(scores, masked, k_rows, q_rows, tables, scratch.lease())
+        ctx.state = (state, idx, s_flat.shape[0])
         return outs
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        g_flat, g_tables = _attend_mix_backward(ctx.state, grads)
+        state, idx, n_scores = ctx.state
         del ctx.state
+        g_s, g_tables = _softmax_mix_backward(state, grads)
+        g_flat = g_s.new_zeros(n_scores).index_add_(0, idx.view(-1), g_s.view(-1))
         return (None, g_flat, None, None, None, None, *g_tables)
 
 
-def _attend_mix_forward(s_flat: Tensor, idx: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
-                        tables: Sequence[Tensor], scratch: _Lease | _Fresh = FRESH,
-                        outs_from: _Lease | _Fresh = FRESH) -> tuple[tuple[Tensor, ...], tuple]:
-    """:class:`_AttendMix`'s forward: the outputs and what its backward needs. Work tensors come
-    from ``scratch``, the outputs from ``outs_from`` (a caller that keeps them internal may pass
-    its lease)."""
-    nk, B, P, h = idx.shape
-    scores = s_flat.index_select(0, idx.reshape(-1)).view(nk, B, P, h)
+def _softmax_mix_forward(scores: Tensor, masked: Tensor, k_rows: Tensor, q_rows: Tensor,
+                         tables: Sequence[Tensor], scratch: _Lease | _Fresh = FRESH,
+                         outs_from: _Lease | _Fresh = FRESH) -> tuple[tuple[Tensor, ...], tuple]:
+    """Softmax of ``scores [b, k, h, p]`` over causal keys (in place), then the mixing of
+    :class:`_AttendMix`: the outputs ``[b, p, w_i]`` and what :func:`_softmax_mix_backward`
+    needs. Work tensors come from ``scratch``, the outputs from ``outs_from`` (a caller that keeps
+    them internal may pass its lease).
+
+    The layout puts (key, head) before the query position, so each example's pattern is the
+    ``[k*h, p]`` matrix that the mixing's ``bmm`` reads transposed and its backward reads as it
+    is: no permuted copies.
+    """
+    B, nk, h, P = scores.shape
     scores.masked_fill_(masked, float("-inf"))
-    # Softmax over the leading key dim: vectorised across the batch on CPU.
-    pattern = scores.sub_(scores.amax(0, keepdim=True)).exp_()
-    pattern.div_(pattern.sum(0, keepdim=True))
-    mix = pattern.permute(1, 2, 0, 3).reshape(B, P, nk * h)                    # [b, p, k*h]
+    pattern = scores.sub_(scores.amax(1, keepdim=True)).exp_()
+    pattern.div_(pattern.sum(1, keepdim=True))
+    mix_t = pattern.view(B, nk * h, P)                                         # [b, k*h, p]
     outs, saved_rows = [], []
     for i, (ov, sk) in enumerate(zip(tables[0::2], tables[1::2])):
         w = sk.shape[-1]
         rows = torch.index_select(ov, 0, k_rows.reshape(-1), out=scratch.empty(f"rows{i}", (B * nk, h * w), ov))
         out = torch.index_select(sk, 0, q_rows.reshape(-1), out=outs_from.empty(f"out{i}", (B * P, w), sk))
-        outs.append(out.view(B, P, w).baddbmm_(mix, rows.view(B, nk * h, w)))   # skip + Σ pattern · rows
+        outs.append(out.view(B, P, w).baddbmm_(mix_t.transpose(1, 2), rows.view(B, nk * h, w)))
         saved_rows.append(rows.view(B, nk * h, w))                             # [b, k*h, w]
     shapes = [(ov.shape, sk.shape) for ov, sk in zip(tables[0::2], tables[1::2])]
-    return tuple(outs), (s_flat.shape[0], shapes, idx, k_rows, q_rows, pattern, mix, saved_rows, scratch)
+    return tuple(outs), (shapes, k_rows, q_rows, pattern, saved_rows, scratch)
 
 
-def _attend_mix_backward(state: tuple, grads: Sequence[Tensor],
-                         g_flat_from: _Lease | _Fresh = FRESH) -> tuple[Tensor, list[Tensor]]:
-    """:class:`_AttendMix`'s backward: gradients of the flat score table (from ``g_flat_from``)
-    and of each table (new tensors)."""
-    n_scores, shapes, idx, k_rows, q_rows, pattern, mix, rows, scratch = state
-    nk, B, P, h = idx.shape
+def _softmax_mix_backward(state: tuple, grads: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_softmax_mix_forward`'s backward: the scores' gradient ``[b, k, h, p]`` and each
+    table's (new tensors)."""
+    shapes, k_rows, q_rows, pattern, rows, scratch = state
+    B, nk, h, P = pattern.shape
+    mix_t = pattern.view(B, nk * h, P)
     g_tables, g_mix = [], None
     for i, (g, r, (ov_shape, sk_shape)) in enumerate(zip(grads, rows, shapes)):
         g = g.contiguous()                                                     # [b, p, w]
-        gm = torch.bmm(g, r.transpose(1, 2))                                   # [b, p, k*h]
+        gm = torch.bmm(r, g.transpose(1, 2))                                   # [b, k*h, p]
         g_mix = gm if g_mix is None else g_mix.add_(gm)
-        g_rows = torch.bmm(mix.transpose(1, 2), g, out=scratch.empty(f"g_rows{i}", r.shape, g))   # [b, k*h, w]
+        g_rows = torch.bmm(mix_t, g, out=scratch.empty(f"g_rows{i}", r.shape, g))   # [b, k*h, w]
         g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
         g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
         g_tables += [g_ov, g_sk]
     # Softmax backward: g_s = pattern * (g_pattern - Σ_k pattern · g_pattern); masked keys
     # have pattern 0 and so get 0.
-    g_pat = g_mix.view(B, P, nk, h).permute(2, 0, 1, 3)                      # [k, b, p, h]
-    g_s = g_pat - (pattern * g_pat).sum(0, keepdim=True)
-    g_s.mul_(pattern)
-    g_flat = g_flat_from.empty("g_scores", (n_scores,), g_s).zero_()
-    g_flat.index_add_(0, idx.reshape(-1), g_s.reshape(-1))
-    return g_flat, g_tables
+    g_pat = g_mix.view(B, nk, h, P)
+    g_s = g_pat.sub_((pattern * g_pat).sum(1, keepdim=True)).mul_(pattern)
+    return g_s, g_tables

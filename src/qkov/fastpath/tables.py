@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..model import Transformer, heads_matrix
 from .attn_only import _AttnOnlyLogits, _AttnOnlyLoss
+from ..tasks.base import _as_index
 from .kernels import Scratch, _AttendMix, _WeightedBag
 
 
@@ -44,8 +45,9 @@ class _TableForward:
         self.pos_idx = torch.tensor(positions)
         self.scratch = Scratch()                   # work tensors reused across steps
         self.logits_positions = positions          # what the logits cover (read by Task._measure)
-        # Keys after a scored query position: masked out of its softmax. [k, 1, p, 1]
-        self._masked = torch.arange(self.n_keys)[:, None, None, None] > self.pos_idx[None, None, :, None]
+        self.pos_cols = _as_index(positions)       # tokens[:, pos_cols]: a view where consecutive
+        # Keys after a scored query position: masked out of its softmax. [1, k, 1, p]
+        self._masked = (torch.arange(self.n_keys)[:, None] > self.pos_idx[None, :])[None, :, None, :]
 
     def _embed_table(self, n: int) -> Tensor:
         """The residual stream's start for every (position, token) of ``n``-token sequences:
@@ -74,10 +76,20 @@ class _TableForward:
         return torch.bmm(k_tab.reshape(nk * V, h, e).transpose(0, 1),
                          (q_tab.reshape(P * V, h, e) / e**0.5).permute(1, 2, 0))
 
+    def _key_heads(self, k_rows: Tensor, h: int, V: int) -> Tensor:
+        """Row ``head * k*V + k_row`` of a table stacked over heads, per (example, key, head): ``[b, k, h]``."""
+        if h == 1:
+            return k_rows[:, :, None]
+        return k_rows[:, :, None] + torch.arange(h) * (self.n_keys * V)
+
+    def _pos_factors(self, V: int) -> Tensor:
+        """Column ``V + i`` of a query-factor table (after the V token columns) for scored position i: ``[p]``."""
+        return torch.arange(V, V + len(self.positions))
+
     def _score_index(self, k_rows: Tensor, q_rows: Tensor, h: int, V: int) -> Tensor:
-        """Flat indices ``[k, b, p, h]`` of each example's scores in a ``_score_table``."""
-        nkV, PV = self.n_keys * V, len(self.positions) * V
-        return ((torch.arange(h) * nkV)[None, None, None, :] + k_rows.T[:, :, None, None]) * PV + q_rows[None, :, :, None]
+        """Flat indices ``[b, k, h, p]`` of each example's scores in a ``_score_table``."""
+        PV = len(self.positions) * V
+        return torch.add(q_rows[:, None, None, :], self._key_heads(k_rows, h, V)[..., None], alpha=PV)
 
     def _pattern(self, tokens: Tensor, q_tab: Tensor, k_tab: Tensor) -> Tensor:
         """Attention pattern ``[b, p, k, h]`` at the scored positions."""
@@ -87,7 +99,7 @@ class _TableForward:
         q_rows = self._query_rows(tokens, V)                                   # [b, p]
         k_rows = self._key_rows(tokens, V)                                     # [b, k]
         if self._use_score_table(B, V):
-            idx = self._score_index(k_rows, q_rows, h, V)                      # [k, b, p, h]
+            idx = self._score_index(k_rows, q_rows, h, V).permute(1, 0, 3, 2)  # [k, b, p, h]
             scores = self._score_table(q_tab, k_tab).reshape(-1).index_select(0, idx.reshape(-1)).view(nk, B, P, h)
         else:
             q = F.embedding(q_rows, q_tab.reshape(-1, h * e)).view(1, B, P, h, e)      # [1, b, p, h, e]
@@ -95,7 +107,8 @@ class _TableForward:
             scores = (q * k).sum(-1) / e**0.5                                  # [k, b, p, h]
         # Key position first: a softmax over a leading dim is vectorised across the batch, several
         # times faster on CPU than one over a short last dim.
-        return scores.masked_fill(self._masked, float("-inf")).softmax(dim=0).permute(1, 2, 0, 3)
+        masked = self._masked.permute(1, 0, 3, 2)                              # [k, 1, p, 1]
+        return scores.masked_fill(masked, float("-inf")).softmax(dim=0).permute(1, 2, 0, 3)
 
     def _attend_mix(self, tokens: Tensor, q_tab: Tensor, k_tab: Tensor,
                     tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
@@ -119,7 +132,7 @@ class _TableForward:
 
     def _query_rows(self, tokens: Tensor, V: int) -> Tensor:
         """Row ``i*V + t`` of a table over (scored position i, token t), per example."""
-        return torch.arange(len(self.positions)) * V + tokens[:, self.pos_idx]   # [b, p]
+        return torch.arange(len(self.positions)) * V + tokens[:, self.pos_cols]  # [b, p]
 
     def _key_rows(self, tokens: Tensor, V: int) -> Tensor:
         """Row ``j*V + t`` of a table over (key position j, token t), per example."""
