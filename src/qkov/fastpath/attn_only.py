@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..model import heads_matrix
-from ..tasks.base import IGNORE
+from ..tasks.base import _LOG2E, IGNORE
 from .kernels import FRESH, _Fresh, _Lease, _softmax_mix_backward, _softmax_mix_forward
 
 
@@ -50,25 +50,26 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     q_tok = tokens[:, fwd.pos_cols]                                             # [b, p]
     k_rows = fwd._key_rows(tokens, V)                                           # [b, k]
     q_rows = fwd._query_rows(tokens, V)                                         # [b, p]
-    row = fwd._key_heads(k_rows, h, V)[..., None]                               # [b, k, h, 1] row of s2
-    idx_tok = torch.add(q_tok[:, None, None, :], row, alpha=V + P)              # [b, k, h, p]
-    idx_pos = torch.add(fwd._pos_factors(V), row, alpha=V + P)                  # [b, k, h, p]
-    s_flat = s2.view(-1)
-    scores = s_flat.index_select(0, idx_tok.view(-1)).view(idx_tok.shape)
-    scores += s_flat.index_select(0, idx_pos.view(-1)).view(idx_tok.shape)
+    row = fwd._key_heads(k_rows, h, V).view(-1)                                 # [b*k*h] row of s2
+    idx_tok = torch.add(q_tok[:, None, :], row.view(B, -1, 1), alpha=V + P)     # [b, k*h, p]
+    # The position part of a score is a whole row slice of s2 (its last p columns), gathered
+    # straight into the [b, k, h, p] layout; the token part is one element per score.
+    scores = s2.view(-1, V + P)[:, V:].index_select(0, row).view(B, nk, h, P)
+    scores += s2.view(-1).index_select(0, idx_tok.view(-1)).view(B, nk, h, P)
     (out,), mix = _softmax_mix_forward(scores, fwd._masked, k_rows, q_rows, (ov, skip), lease, outs_from)
-    return out, (mix, lease, x_q, x_k, f, Wq, Wk, Wv, qf, k, v, W_OU, scale, idx_tok, idx_pos,
+    return out, (mix, lease, x_q, x_k, f, Wq, Wk, Wv, qf, k, v, W_OU, scale, idx_tok, row,
                  (V, d, h, e, P, nk), pos_idx)
 
 
 def _backward(state: tuple, params: tuple[Tensor, ...], g_out: Tensor) -> tuple[Tensor, ...]:
     """Gradients of the 12 parameters from the logits' gradient ``g_out [b, p, v_out]``."""
-    (mix, lease, x_q, x_k, f, Wq, Wk, Wv, qf, k, v, W_OU, scale, idx_tok, idx_pos,
+    (mix, lease, x_q, x_k, f, Wq, Wk, Wv, qf, k, v, W_OU, scale, idx_tok, row,
      (V, d, h, e, P, nk), pos_idx) = state
     W_pos, W_O, b_O, W_U = params[1], params[8], params[9], params[10]
     g_s, (g_ov, g_skip) = _softmax_mix_backward(mix, (g_out,))                 # [b, k, h, p]
-    g_s2 = lease.empty("g_s2", (h * nk * V * (V + P),), g_s).zero_()
-    g_s2.index_add_(0, idx_tok.view(-1), g_s.view(-1)).index_add_(0, idx_pos.view(-1), g_s.view(-1))
+    g_s2 = lease.empty("g_s2", (h * nk * V, V + P), g_s).zero_()
+    g_s2.view(-1).index_add_(0, idx_tok.view(-1), g_s.view(-1))
+    g_s2[:, V:].index_add_(0, row, g_s.view(-1, P))
     g_s2 = g_s2.view(h, nk * V, V + P)
     g_k = torch.bmm(g_s2, qf.transpose(1, 2)).transpose(0, 1).reshape(nk * V, h * e)
     g_qf = torch.bmm(k.transpose(1, 2), g_s2).permute(2, 0, 1).reshape(V + P, h * e).mul_(scale)
@@ -123,7 +124,8 @@ class _AttnOnlyLoss(torch.autograd.Function):
         valid = t != IGNORE
         t = t.clamp(min=0)
         m = flat.amax(1, keepdim=True)
-        probs = torch.sub(flat, m, out=lease.empty("probs", flat.shape, flat)).exp_()
+        # exp(x - m) as exp2((x - m) log2 e) in one fused add: exp2 runs twice as fast as exp here.
+        probs = torch.add(m * -_LOG2E, flat, alpha=_LOG2E, out=lease.empty("probs", flat.shape, flat)).exp2_()
         total = probs.sum(1, keepdim=True)
         nll = total.log().add_(m).sub_(flat.gather(1, t))                       # log Σ exp - logit[target]
         weight = valid.to(flat.dtype).div_(valid.sum())                         # each row's share of the mean

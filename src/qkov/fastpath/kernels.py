@@ -155,9 +155,7 @@ def _softmax_mix_forward(scores: Tensor, masked: Tensor, k_rows: Tensor, q_rows:
     is: no permuted copies.
     """
     B, nk, h, P = scores.shape
-    scores.masked_fill_(masked, float("-inf"))
-    pattern = scores.sub_(scores.amax(1, keepdim=True)).exp_()
-    pattern.div_(pattern.sum(1, keepdim=True))
+    pattern = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=1)  # one kernel, not five ops
     mix_t = pattern.view(B, nk * h, P)                                         # [b, k*h, p]
     outs, saved_rows = [], []
     for i, (ov, sk) in enumerate(zip(tables[0::2], tables[1::2])):
@@ -185,8 +183,7 @@ def _softmax_mix_backward(state: tuple, grads: Sequence[Tensor]) -> tuple[Tensor
         g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
         g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
         g_tables += [g_ov, g_sk]
-    # Softmax backward: g_s = pattern * (g_pattern - Σ_k pattern · g_pattern); masked keys
-    # have pattern 0 and so get 0.
-    g_pat = g_mix.view(B, nk, h, P)
-    g_s = g_pat.sub_((pattern * g_pat).sum(1, keepdim=True)).mul_(pattern)
+    # Softmax backward, pattern * (g_pattern - Σ_k pattern · g_pattern), in torch's one kernel
+    # (a stable internal op since 1.11); masked keys have pattern 0 and so get 0.
+    g_s = torch._softmax_backward_data(g_mix.view(B, nk, h, P), pattern, 1, pattern.dtype)
     return g_s, g_tables

@@ -82,10 +82,6 @@ class _TableForward:
             return k_rows[:, :, None]
         return k_rows[:, :, None] + torch.arange(h) * (self.n_keys * V)
 
-    def _pos_factors(self, V: int) -> Tensor:
-        """Column ``V + i`` of a query-factor table (after the V token columns) for scored position i: ``[p]``."""
-        return torch.arange(V, V + len(self.positions))
-
     def _score_index(self, k_rows: Tensor, q_rows: Tensor, h: int, V: int) -> Tensor:
         """Flat indices ``[b, k, h, p]`` of each example's scores in a ``_score_table``."""
         PV = len(self.positions) * V
