@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..model import Transformer, heads_matrix
 from .attn_only import _AttnOnlyLogits, _AttnOnlyLoss
-from ..tasks.base import _as_index
+from .attn_only import _forward as _attn_only_forward
+from ..tasks.base import _as_index, _nll_and_prediction
 from .kernels import Scratch, _AttendMix, _WeightedBag
 
 
@@ -190,6 +191,19 @@ class _PushedForward(_TableForward):
         if not self._attn_only(tokens) or self.model.embed.W_E.dtype != dtype:
             return None
         return _AttnOnlyLoss.apply(self, tokens, targets, *self._attn_only_params())
+
+    @torch.no_grad()
+    def nll_and_prediction(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """What ``Task._measure`` reads from the logits at the scored positions (NLL of
+        ``targets`` and the argmax, ``[b, p]`` each). The attention-only kernel keeps its logits
+        and work tensors in reused buffers here: fresh ones of eval size came back page-faulted,
+        a third of an eval's time."""
+        tokens = self.model._check_tokens(tokens)
+        if not self._attn_only(tokens):
+            return _nll_and_prediction(self(tokens).float(), targets)
+        lease = self.scratch.lease()
+        logits, _ = _attn_only_forward(self, tokens, self._attn_only_params(), lease, lease)
+        return _nll_and_prediction(logits.float(), targets, lease)
 
     def __call__(self, tokens: Tensor) -> Tensor:
         model, block, attn = self.model, self.block, self.block.attn
