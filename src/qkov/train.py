@@ -27,6 +27,7 @@ from .model import Transformer
 from .optim import AdamW
 from .store import RunConfig
 from .tasks import IGNORE, Batch, Task, get_task
+from .tasks.base import _as_index
 
 
 @dataclass
@@ -133,9 +134,10 @@ class _Trainer:
 
             return scored_rows
         loss = scored_loss_fn(self.model, task, fast) if fast is not None else None
+        cols = _as_index(pos)
         if loss is None:
-            return lambda b: task.loss(self.model(b.tokens, positions=pos), b.targets[:, pos])
-        return lambda b: loss(b.tokens, b.targets[:, pos])
+            return lambda b: task.loss(self.model(b.tokens, positions=pos), b.targets[:, cols])
+        return lambda b: loss(b.tokens, b.targets[:, cols])
 
     def _eval_model(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
         """What evaluation runs: the model or, where the fast path applies and the task is scored

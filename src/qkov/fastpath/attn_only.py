@@ -30,14 +30,15 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     h, _, e = W_Q.shape
     P, nk, pos_idx = len(fwd.positions), fwd.n_keys, fwd.pos_idx
     x_k = (W_E[None] + W_pos[:nk, None]).reshape(nk * V, d)                     # [k*V, d] keys' residual
-    x_q = (W_E[None] + W_pos[pos_idx, None]).reshape(P * V, d)                  # [p*V, d] queries'
+    W_pos_q = W_pos[fwd.pos_cols]                                               # [p, d]
+    x_q = (W_E[None] + W_pos_q[:, None]).reshape(P * V, d)                      # [p*V, d] queries'
     Wq, Wk, Wv = (heads_matrix(W) for W in (W_Q, W_K, W_V))                     # [d, h*e]
     # A query is linear in its token and its position: q = W_E[t] Wq + (W_pos[p] Wq + b_Q). So the
     # scores come from a table over V + p query factors instead of all p*V (token, position)
     # pairs, s2 = K [W_E Wq ; W_pos[p] Wq + b_Q]ᵀ, read twice per (example, key, head, query):
     # 5x less arithmetic than the full score table for max, in the forward and in the backward.
     scale = e**-0.5
-    f = torch.cat([W_E, W_pos[pos_idx]])                                        # [V+p, d]
+    f = torch.cat([W_E, W_pos_q])                                               # [V+p, d]
     qf = torch.mm(f, Wq)
     qf[V:] += b_Q.reshape(-1)
     qf = qf.mul_(scale).view(V + P, h, e).permute(1, 2, 0)                      # [h, e, V+p]

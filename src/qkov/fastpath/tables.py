@@ -47,6 +47,7 @@ class _TableForward:
         self.scratch = Scratch()                   # work tensors reused across steps
         self.logits_positions = positions          # what the logits cover (read by Task._measure)
         self.pos_cols = _as_index(positions)       # tokens[:, pos_cols]: a view where consecutive
+        self._p_range, self._k_range = torch.arange(len(positions)), torch.arange(self.n_keys)
         # Keys after a scored query position: masked out of its softmax. [1, k, 1, p]
         self._masked = (torch.arange(self.n_keys)[:, None] > self.pos_idx[None, :])[None, :, None, :]
 
@@ -129,11 +130,11 @@ class _TableForward:
 
     def _query_rows(self, tokens: Tensor, V: int) -> Tensor:
         """Row ``i*V + t`` of a table over (scored position i, token t), per example."""
-        return torch.arange(len(self.positions)) * V + tokens[:, self.pos_cols]  # [b, p]
+        return torch.add(tokens[:, self.pos_cols], self._p_range, alpha=V)     # [b, p]
 
     def _key_rows(self, tokens: Tensor, V: int) -> Tensor:
         """Row ``j*V + t`` of a table over (key position j, token t), per example."""
-        return torch.arange(self.n_keys) * V + tokens[:, :self.n_keys]         # [b, k]
+        return torch.add(tokens[:, :self.n_keys], self._k_range, alpha=V)      # [b, k]
 
     def _mix(self, tokens: Tensor, pattern: Tensor, tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
         """``Σ_(k,h) pattern · ov_tab[k, token_k, h] + skip_tab[p, token_p]`` per (example, scored position).
