@@ -23,31 +23,37 @@ from .kernels import FRESH, _Fresh, _Lease, _softmax_mix_backward, _softmax_mix_
 
 def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _Fresh,
              outs_from: _Lease | _Fresh) -> tuple[Tensor, tuple]:
-    """Logits ``[b, p, v_out]`` (allocated by ``outs_from``) and what :func:`_backward` needs."""
+    """Logits ``[b, p, v_out]`` (allocated by ``outs_from``) and what :func:`_backward` needs.
+
+    The residual stream a key, value, query or the skip path reads is ``W_E[t] + W_pos[j]``, and
+    all of them are linear in it. So every projection is taken of the V token rows and of the
+    few position rows apart (factors), and a (position, token) table is a broadcast sum of two
+    factors: the matmuls run on V + k rows instead of k*V (4-6x smaller for max). Scores are the
+    exception: a key factor times a query factor, both sums, so they come from the table of
+    (key position, key token) rows against the V + p query factors, read twice per score.
+    """
     W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, W_U, b_U = params
-    B, n = tokens.shape
+    B = len(tokens)
     V, d = W_E.shape
     h, _, e = W_Q.shape
-    P, nk, pos_idx = len(fwd.positions), fwd.n_keys, fwd.pos_idx
-    x_k = (W_E[None] + W_pos[:nk, None]).reshape(nk * V, d)                     # [k*V, d] keys' residual
-    W_pos_q = W_pos[fwd.pos_cols]                                               # [p, d]
-    x_q = (W_E[None] + W_pos_q[:, None]).reshape(P * V, d)                      # [p*V, d] queries'
-    Wq, Wk, Wv = (heads_matrix(W) for W in (W_Q, W_K, W_V))                     # [d, h*e]
-    # A query is linear in its token and its position: q = W_E[t] Wq + (W_pos[p] Wq + b_Q). So the
-    # scores come from a table over V + p query factors instead of all p*V (token, position)
-    # pairs, s2 = K [W_E Wq ; W_pos[p] Wq + b_Q]ᵀ, read twice per (example, key, head, query):
-    # 5x less arithmetic than the full score table for max, in the forward and in the backward.
+    w = W_U.shape[1]
+    P, nk, he = len(fwd.positions), fwd.n_keys, h * e
+    W_qkv = torch.cat([heads_matrix(W_Q), heads_matrix(W_K), heads_matrix(W_V)], dim=1)    # [d, 3he]
+    b_qkv = torch.cat([b_Q.reshape(-1), b_K.reshape(-1), b_V.reshape(-1)])
+    tok = W_E @ W_qkv                                                           # [V, 3he] token factors
+    pos = torch.addmm(b_qkv, W_pos[:nk], W_qkv)                                 # [k, 3he] position factors
     scale = e**-0.5
-    f = torch.cat([W_E, W_pos_q])                                               # [V+p, d]
-    qf = torch.mm(f, Wq)
-    qf[V:] += b_Q.reshape(-1)
-    qf = qf.mul_(scale).view(V + P, h, e).permute(1, 2, 0)                      # [h, e, V+p]
-    k = torch.addmm(b_K.reshape(-1), x_k, Wk).view(nk * V, h, e).transpose(0, 1)       # [h, k*V, e]
-    v = torch.addmm(b_V.reshape(-1), x_k, Wv).view(nk * V, h, e).transpose(0, 1)       # [h, k*V, e]
+    q_f = torch.cat([tok[:, :he], pos[fwd.pos_cols, :he]]).mul_(scale)         # [V+p, he] query factors
+    qf = q_f.view(V + P, h, e).permute(1, 2, 0)                                 # [h, e, V+p]
+    k = (tok[None, :, he:2 * he] + pos[:, None, he:2 * he]).view(nk * V, h, e).transpose(0, 1)   # [h, k*V, e]
     s2 = torch.bmm(k, qf, out=lease.empty("s2", (h, nk * V, V + P), k))         # [h, k*V, V+p]
-    W_OU = (W_O.reshape(h * e, d) @ W_U).view(h, e, -1)                         # [h, e, v_out]
-    ov = torch.bmm(v, W_OU).transpose(0, 1).reshape(nk * V, -1)                 # [k*V, h*v_out]
-    skip = torch.addmm(b_O @ W_U + b_U, x_q, W_U)                               # [p*V, v_out]
+    W_OU = (W_O.reshape(he, d) @ W_U).view(h, e, w)                             # [h, e, v_out]
+    v_f = torch.cat([tok[:, 2 * he:], pos[:, 2 * he:]]).view(V + nk, h, e).transpose(0, 1)   # [h, V+k, e]
+    ov_f = torch.bmm(v_f, W_OU).transpose(0, 1).reshape(V + nk, h * w)          # [V+k, h*v_out]
+    ov = (ov_f[None, :V] + ov_f[V:, None]).view(nk * V, h * w)                  # row j*V + t
+    f_u = torch.cat([W_E, W_pos[fwd.pos_cols]])                                 # [V+p, d]
+    u_f = torch.mm(f_u, W_U)                                                    # [V+p, v_out] skip factors
+    skip = (u_f[None, :V] + (u_f[V:] + (b_O @ W_U + b_U))[:, None]).view(P * V, w)
     q_tok = tokens[:, fwd.pos_cols]                                             # [b, p]
     k_rows = fwd._key_rows(tokens, V)                                           # [b, k]
     q_rows = fwd._query_rows(tokens, V)                                         # [b, p]
@@ -58,40 +64,46 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     scores = s2.view(-1, V + P)[:, V:].index_select(0, row).view(B, nk, h, P)
     scores += s2.view(-1).index_select(0, idx_tok.view(-1)).view(B, nk, h, P)
     (out,), mix = _softmax_mix_forward(scores, fwd._masked, k_rows, q_rows, (ov, skip), lease, outs_from)
-    return out, (mix, lease, x_q, x_k, f, Wq, Wk, Wv, qf, k, v, W_OU, scale, idx_tok, row,
-                 (V, d, h, e, P, nk), pos_idx)
+    return out, (mix, lease, W_qkv, qf, k, v_f, W_OU, f_u, scale, idx_tok, row, (V, d, h, e, w, P, nk), fwd)
 
 
 def _backward(state: tuple, params: tuple[Tensor, ...], g_out: Tensor) -> tuple[Tensor, ...]:
-    """Gradients of the 12 parameters from the logits' gradient ``g_out [b, p, v_out]``."""
-    (mix, lease, x_q, x_k, f, Wq, Wk, Wv, qf, k, v, W_OU, scale, idx_tok, row,
-     (V, d, h, e, P, nk), pos_idx) = state
-    W_pos, W_O, b_O, W_U = params[1], params[8], params[9], params[10]
+    """Gradients of the 12 parameters from the logits' gradient ``g_out [b, p, v_out]``: back
+    through the per-example kernels to the tables, from the tables to their factors (a sum
+    over the other index of the broadcast), and from the factors to the weights."""
+    mix, lease, W_qkv, qf, k, v_f, W_OU, f_u, scale, idx_tok, row, (V, d, h, e, w, P, nk), fwd = state
+    W_E, W_pos, W_O, b_O, W_U = params[0], params[1], params[8], params[9], params[10]
+    he = h * e
     g_s, (g_ov, g_skip) = _softmax_mix_backward(mix, (g_out,))                 # [b, k, h, p]
     g_s2 = lease.empty("g_s2", (h * nk * V, V + P), g_s).zero_()
     g_s2.view(-1).index_add_(0, idx_tok.view(-1), g_s.view(-1))
     g_s2[:, V:].index_add_(0, row, g_s.view(-1, P))
     g_s2 = g_s2.view(h, nk * V, V + P)
-    g_k = torch.bmm(g_s2, qf.transpose(1, 2)).transpose(0, 1).reshape(nk * V, h * e)
-    g_qf = torch.bmm(k.transpose(1, 2), g_s2).permute(2, 0, 1).reshape(V + P, h * e).mul_(scale)
-    g_ov = g_ov.view(nk * V, h, -1).transpose(0, 1)                             # [h, k*V, v_out]
-    g_v = torch.bmm(g_ov, W_OU.transpose(1, 2)).transpose(0, 1).reshape(nk * V, h * e)
-    g_WOU = torch.bmm(v.transpose(1, 2), g_ov).reshape(h * e, -1)               # [h*e, v_out]
-    g_sum = g_skip.sum(0)                                                       # [v_out]
-    # k, v = x_k W + b; qf = f Wq (+ b_Q on the position rows); skip = x_q W_U + b_O W_U + b_U;
-    # W_OU = W_O W_U; x = W_E + W_pos; f = [W_E ; W_pos[p]].
-    g_xq = (g_skip @ W_U.T).view(P, V, d)
-    g_xk = torch.addmm(g_k @ Wk.T, g_v, Wv.T).view(nk, V, d)
-    g_f = g_qf @ Wq.T                                                           # [V+p, d]
+    g_k = torch.bmm(g_s2, qf.transpose(1, 2)).transpose(0, 1).reshape(nk, V, he)
+    g_q = torch.bmm(k.transpose(1, 2), g_s2).permute(2, 0, 1).reshape(V + P, he).mul_(scale)
+    g_ov = g_ov.view(nk, V, h * w)
+    g_ovf = torch.cat([g_ov.sum(0), g_ov.sum(1)]).view(V + nk, h, w).transpose(0, 1)   # [h, V+k, v_out]
+    g_v = torch.bmm(g_ovf, W_OU.transpose(1, 2)).transpose(0, 1).reshape(V + nk, he)
+    g_WOU = torch.bmm(v_f.transpose(1, 2), g_ovf).reshape(he, w)                # [h*e, v_out]
+    g_skip = g_skip.view(P, V, w)
+    g_uf = torch.cat([g_skip.sum(0), g_skip.sum(1)])                            # [V+p, v_out]
+    g_c = g_uf[V:].sum(0)                                                       # b_O W_U + b_U: every row
+    # The factors' gradients, laid out as W_qkv's columns: [query | key | value].
+    g_pos_q = g_q.new_zeros(nk, he).index_copy_(0, fwd.pos_idx, g_q[V:])
+    g_tok = torch.cat([g_q[:V], g_k.sum(0), g_v[:V]], dim=1)                    # [V, 3he]
+    g_pos = torch.cat([g_pos_q, g_k.sum(1), g_v[V:]], dim=1)                    # [k, 3he]
+    g_W_qkv = torch.addmm(W_E.T @ g_tok, W_pos[:nk].T, g_pos)                   # [d, 3he]
+    g_b_qkv = g_pos.sum(0)
+    g_fu = g_uf @ W_U.T                                                         # [V+p, d]
     g_W_pos = torch.zeros_like(W_pos)
-    g_W_pos[:nk] = g_xk.sum(1)
-    g_W_pos.index_add_(0, pos_idx, g_xq.sum(1) + g_f[V:])
-    per_head = lambda x, g: (x.T @ g).view(d, h, e).permute(1, 0, 2).contiguous()  # noqa: E731
-    g_W_U = W_O.reshape(h * e, d).T @ g_WOU + x_q.T @ g_skip + torch.outer(b_O, g_sum)
-    return (g_xq.sum(0) + g_xk.sum(0) + g_f[:V], g_W_pos,
-            per_head(f, g_qf), g_qf[V:].sum(0).view(h, e), per_head(x_k, g_k), g_k.sum(0).view(h, e),
-            per_head(x_k, g_v), g_v.sum(0).view(h, e), (g_WOU @ W_U.T).view(h, e, d), W_U @ g_sum,
-            g_W_U, g_sum)
+    g_W_pos[:nk] = g_pos @ W_qkv.T
+    g_W_pos[fwd.pos_cols] += g_fu[V:]
+    g_W_U = torch.addmm(f_u.T @ g_uf, W_O.reshape(he, d).T, g_WOU).add_(torch.outer(b_O, g_c))
+    per_head = lambda i: g_W_qkv[:, i * he:(i + 1) * he].reshape(d, h, e).permute(1, 0, 2).contiguous()  # noqa: E731
+    return (torch.addmm(g_fu[:V], g_tok, W_qkv.T), g_W_pos,
+            per_head(0), g_b_qkv[:he].view(h, e), per_head(1), g_b_qkv[he:2 * he].view(h, e),
+            per_head(2), g_b_qkv[2 * he:].view(h, e), (g_WOU @ W_U.T).view(h, e, d), W_U @ g_c,
+            g_W_U, g_c)
 
 
 class _AttnOnlyLogits(torch.autograd.Function):
