@@ -118,13 +118,11 @@ def step_times(task, train_cfg, seed: int, steps: int, skip_tl: bool) -> dict:
     """Median wall and CPU ms of one training step on each side, interleaved, on the same batches."""
     pos = task.scored_positions
     q_model = qkov.Transformer(task.model_config(), seed=seed)
-    q_loss, q_opt = scored_loss_fn(q_model, task), make_optimizer(q_model, train_cfg)
+    q_loss, q_opt = scored_loss_fn(q_model, task, grads=True), make_optimizer(q_model, train_cfg)
 
     def q_step(batch):                    # what qkov's trainer runs each step
-        loss = q_loss(batch.tokens, batch.targets[:, pos])
-        loss.item()
         q_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        q_loss(batch.tokens, batch.targets[:, pos]).item()     # the loss, gradients filled in
         q_opt.step()
 
     runners = {"qkov": q_step}

@@ -144,11 +144,17 @@ def test_fused_attention_only_loss_equals_cross_entropy_of_the_plain_forward(see
     assert type(fused_fn(batch.tokens, targets).grad_fn).__name__ == "_AttnOnlyLossBackward"
     plain_loss, plain_grads = _loss_and_grads(model, lambda: task.loss(model(batch.tokens, positions=pos), targets))
     fused_loss, fused_grads = _loss_and_grads(model, lambda: fused_fn(batch.tokens, targets))
-    assert model.blocks[0].attn.W_Q.grad is not None
+    # grads=True: the trainer's form, gradients written by the kernel itself (no autograd).
+    model.zero_grad(set_to_none=True)
+    direct_loss = scored_loss_fn(model, task, grads=True)(batch.tokens, targets)
+    assert direct_loss.grad_fn is None and not direct_loss.requires_grad
+    direct_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(direct_loss, fused_loss, rtol=0, atol=0)
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert fused_grads.keys() == plain_grads.keys()
+    assert fused_grads.keys() == plain_grads.keys() == direct_grads.keys()
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(direct_grads[name], fused_grads[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_loss_fn_falls_back_to_the_task_loss_where_nothing_is_fused():
@@ -159,6 +165,9 @@ def test_loss_fn_falls_back_to_the_task_loss_where_nothing_is_fused():
     t = batch.targets[:, add.scored_positions]
     want = add.loss(model(batch.tokens, positions=add.scored_positions), t)
     torch.testing.assert_close(scored_loss_fn(model, add)(batch.tokens, t), want)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(scored_loss_fn(model, add, grads=True)(batch.tokens, t), want.detach())
+    assert model.blocks[0].mlp.W_in.grad is not None
     task = get_task("max")
     model = Transformer(task.model_config(), seed=0).double()
     batch = task.sample(128, torch.Generator().manual_seed(0))

@@ -119,25 +119,31 @@ class _Trainer:
         path where it applies."""
         pos = self.task.scored_positions
         fast = scored_logits_fn(self.model, self.task) if pos is not None else None
-        self.loss_of = self._make_loss(fast)
+        self.loss_and_grads = self._make_loss_and_grads(fast)
         self.eval_model = self._eval_model(fast)
 
-    def _make_loss(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Batch], Tensor]:
-        """The task's loss on a batch, computing logits only where it reads them."""
+    def _make_loss_and_grads(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Batch], Tensor]:
+        """The task's loss on a batch (detached), with its gradients added to every parameter's
+        ``.grad``; logits are computed only where the loss reads them."""
         pos, task = self.task.scored_positions, self.task
+
+        def backward(loss: Tensor) -> Tensor:
+            loss.backward()
+            return loss.detach()
+
         if pos is None:
             # Positions that vary by example: unembed (the largest matmul) and score only the
             # rows with a target.
             def scored_rows(b: Batch) -> Tensor:
                 rows = b.targets != IGNORE
-                return task.loss(self.model(b.tokens, rows=rows), b.targets[rows])
+                return backward(task.loss(self.model(b.tokens, rows=rows), b.targets[rows]))
 
             return scored_rows
-        loss = scored_loss_fn(self.model, task, fast) if fast is not None else None
+        fused = scored_loss_fn(self.model, task, fast, grads=True) if fast is not None else None
         cols = _as_index(pos)
-        if loss is None:
-            return lambda b: task.loss(self.model(b.tokens, positions=pos), b.targets[:, cols])
-        return lambda b: loss(b.tokens, b.targets[:, cols])
+        if fused is None:
+            return lambda b: backward(task.loss(self.model(b.tokens, positions=pos), b.targets[:, cols]))
+        return lambda b: fused(b.tokens, b.targets[:, cols])
 
     def _eval_model(self, fast: Callable[[Tensor], Tensor] | None) -> Callable[[Tensor], Tensor]:
         """What evaluation runs: the model or, where the fast path applies and the task is scored
@@ -192,13 +198,11 @@ class _Trainer:
             lr = lr_at(self.step, cfg)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            loss = self.loss_of(self._batch())
-            train_loss = loss.item()
+            self.opt.zero_grad(set_to_none=True)
+            train_loss = self.loss_and_grads(self._batch()).item()
             if not math.isfinite(train_loss):
                 bar.close()
                 raise QkovError(self._nan_message(lr))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
             self.opt.step()
             self.step += 1
             bar.update(1)

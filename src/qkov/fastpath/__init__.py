@@ -61,7 +61,7 @@ def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
 
 
 def scored_loss_fn(model, task: Task, logits_fn: Callable[[Tensor], Tensor] | None = None,
-                   ) -> Callable[[Tensor, Tensor], Tensor] | None:
+                   grads: bool = False) -> Callable[[Tensor, Tensor], Tensor] | None:
     """A function ``(tokens [batch, pos], targets [batch, len(positions)]) -> loss``: the task's
     training loss (``task.loss``) of the logits at its scored positions, through the fast path.
 
@@ -69,6 +69,9 @@ def scored_loss_fn(model, task: Task, logits_fn: Callable[[Tensor], Tensor] | No
     kernel when the task's loss is the base mean cross-entropy in the weights' dtype; the rest
     get ``task.loss(scored_logits_fn(model, task)(tokens), targets)``. Returns None where
     :func:`scored_logits_fn` does. ``logits_fn``: that function, when the caller already has it.
+    With ``grads=True`` the function also adds the loss's gradients to the parameters' ``.grad``
+    and returns the loss detached: the fused kernel runs its backward at once, without autograd
+    (what the trainer uses); the other paths call ``backward()``.
 
     >>> import torch
     >>> from qkov.tasks import get_task
@@ -90,4 +93,11 @@ def scored_loss_fn(model, task: Task, logits_fn: Callable[[Tensor], Tensor] | No
         out = logits_fn.loss(tokens, targets, task.loss_dtype) if fused else None
         return out if out is not None else task.loss(logits_fn(tokens), targets)
 
-    return loss
+    def loss_with_grads(tokens: Tensor, targets: Tensor) -> Tensor:
+        out = logits_fn.loss_with_grads(tokens, targets, task.loss_dtype) if fused else None
+        if out is None:
+            out = task.loss(logits_fn(tokens), targets)
+            out.backward()
+        return out.detach()
+
+    return loss_with_grads if grads else loss

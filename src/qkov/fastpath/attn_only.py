@@ -123,33 +123,58 @@ class _AttnOnlyLogits(torch.autograd.Function):
         return (None, None, *_backward(state, ctx.saved_tensors, g_out.contiguous()))
 
 
-class _AttnOnlyLoss(torch.autograd.Function):
+def _loss_forward(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple]:
     """Mean cross-entropy of the logits at the scored positions against ``targets [b, p]``
-    (``IGNORE`` where a position has none), as ``F.cross_entropy(..., ignore_index=IGNORE)``.
-    Inputs: ``(fwd, tokens, targets, *params)``."""
+    (``IGNORE`` where a position has none), as ``F.cross_entropy(..., ignore_index=IGNORE)``,
+    and what :func:`_loss_backward` needs. Logits and softmax stay in reused buffers."""
+    lease = fwd.scratch.lease()
+    logits, state = _forward(fwd, tokens, params, lease, lease)
+    flat = logits.view(-1, logits.shape[-1])                                    # [b*p, v]
+    t = targets.reshape(-1, 1)
+    valid = t != IGNORE
+    t = t.clamp(min=0)
+    m = flat.amax(1, keepdim=True)
+    # exp(x - m) as exp2((x - m) log2 e) in one fused add: exp2 runs twice as fast as exp here.
+    probs = torch.add(m * -_LOG2E, flat, alpha=_LOG2E, out=lease.empty("probs", flat.shape, flat)).exp2_()
+    total = probs.sum(1, keepdim=True)
+    nll = total.log().add_(m).sub_(flat.gather(1, t))                           # log Σ exp - logit[target]
+    weight = valid.to(flat.dtype).div_(valid.sum())                             # each row's share of the mean
+    return (nll * weight).sum(), (state, probs.div_(total), t, weight, logits.shape)   # probs: softmax
+
+
+def _loss_backward(state: tuple, params: tuple[Tensor, ...], g_loss: Tensor) -> tuple[Tensor, ...]:
+    """The 12 parameters' gradients of ``g_loss`` times the loss."""
+    state, probs, t, weight, shape = state
+    w = weight * g_loss                                                         # [b*p, 1]
+    g = probs.mul_(w).scatter_add_(1, t, -w)                                    # (softmax - onehot) · w
+    return _backward(state, params, g.view(shape))
+
+
+class _AttnOnlyLoss(torch.autograd.Function):
+    """:func:`_loss_forward` as an autograd function. Inputs: ``(fwd, tokens, targets, *params)``."""
 
     @staticmethod
     def forward(ctx, fwd, tokens, targets, *params):
-        lease = fwd.scratch.lease()
-        logits, state = _forward(fwd, tokens, params, lease, lease)
-        flat = logits.view(-1, logits.shape[-1])                                # [b*p, v]
-        t = targets.reshape(-1, 1)
-        valid = t != IGNORE
-        t = t.clamp(min=0)
-        m = flat.amax(1, keepdim=True)
-        # exp(x - m) as exp2((x - m) log2 e) in one fused add: exp2 runs twice as fast as exp here.
-        probs = torch.add(m * -_LOG2E, flat, alpha=_LOG2E, out=lease.empty("probs", flat.shape, flat)).exp2_()
-        total = probs.sum(1, keepdim=True)
-        nll = total.log().add_(m).sub_(flat.gather(1, t))                       # log Σ exp - logit[target]
-        weight = valid.to(flat.dtype).div_(valid.sum())                         # each row's share of the mean
-        ctx.state = (state, probs.div_(total), t, weight, logits.shape)         # probs: softmax
+        loss, ctx.state = _loss_forward(fwd, tokens, targets, params)
         ctx.save_for_backward(*params)
-        return (nll * weight).sum()
+        return loss
 
     @staticmethod
     def backward(ctx, g_loss):
-        state, probs, t, weight, shape = ctx.state
+        state = ctx.state
         del ctx.state
-        w = weight * g_loss                                                     # [b*p, 1]
-        g = probs.mul_(w).scatter_add_(1, t, -w)                                # (softmax - onehot) · w
-        return (None, None, None, *_backward(state, ctx.saved_tensors, g.view(shape)))
+        return (None, None, None, *_loss_backward(state, ctx.saved_tensors, g_loss))
+
+
+@torch.no_grad()
+def loss_and_grads(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+    """The loss, with its gradients added to each parameter's ``.grad`` straight from the
+    hand-written backward: what ``_AttnOnlyLoss.apply(...).backward()`` does, without autograd's
+    node, engine and 12 gradient-accumulation calls (~0.1 ms of a 3 ms max step)."""
+    loss, state = _loss_forward(fwd, tokens, targets, params)
+    for p, g in zip(params, _loss_backward(state, params, torch.ones((), dtype=loss.dtype))):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad += g
+    return loss

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..model import Transformer, heads_matrix
 from .attn_only import _AttnOnlyLogits, _AttnOnlyLoss
 from .attn_only import _forward as _attn_only_forward
+from .attn_only import loss_and_grads as _attn_only_loss_and_grads
 from ..tasks.base import _as_index, _nll_and_prediction
 from .kernels import Scratch, _AttendMix, _WeightedBag
 
@@ -192,6 +193,14 @@ class _PushedForward(_TableForward):
         if not self._attn_only(tokens) or self.model.embed.W_E.dtype != dtype:
             return None
         return _AttnOnlyLoss.apply(self, tokens, targets, *self._attn_only_params())
+
+    def loss_with_grads(self, tokens: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """:meth:`loss`, its gradients added to the parameters' ``.grad`` by the hand-written
+        backward directly (no autograd), or None where the fused kernel does not apply."""
+        tokens = self.model._check_tokens(tokens)
+        if not self._attn_only(tokens) or self.model.embed.W_E.dtype != dtype:
+            return None
+        return _attn_only_loss_and_grads(self, tokens, targets, self._attn_only_params())
 
     @torch.no_grad()
     def nll_and_prediction(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
