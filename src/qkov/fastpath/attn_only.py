@@ -139,14 +139,15 @@ def _loss_forward(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ..
     total = probs.sum(1, keepdim=True)
     nll = total.log().add_(m).sub_(flat.gather(1, t))                           # log Σ exp - logit[target]
     weight = valid.to(flat.dtype).div_(valid.sum())                             # each row's share of the mean
-    return (nll * weight).sum(), (state, probs.div_(total), t, weight, logits.shape)   # probs: softmax
+    # exp(x - m) stays unnormalised: the backward scales it by weight / total in its one pass.
+    return (nll * weight).sum(), (state, probs, total, t, weight, logits.shape)
 
 
 def _loss_backward(state: tuple, params: tuple[Tensor, ...], g_loss: Tensor) -> tuple[Tensor, ...]:
     """The 12 parameters' gradients of ``g_loss`` times the loss."""
-    state, probs, t, weight, shape = state
+    state, probs, total, t, weight, shape = state
     w = weight * g_loss                                                         # [b*p, 1]
-    g = probs.mul_(w).scatter_add_(1, t, -w)                                    # (softmax - onehot) · w
+    g = probs.mul_(w / total).scatter_add_(1, t, -w)                            # (softmax - onehot) · w
     return _backward(state, params, g.view(shape))
 
 
