@@ -249,13 +249,3 @@ def test_weights_of_a_layernorm_model_reproduce_its_logits_through_the_scale():
 def test_bad_arguments_raise_one_clear_error(model, call, message):
     with pytest.raises(QkovError, match=message):
         call(model)
-
-
-def test_documented_examples_run():
-    import doctest
-
-    import qkov.circuits.factored
-
-    for module in (C, qkov.circuits.factored):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
