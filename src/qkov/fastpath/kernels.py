@@ -179,7 +179,7 @@ def _softmax_mix_backward(state: tuple, grads: Sequence[Tensor]) -> tuple[Tensor
         g = g.contiguous()                                                     # [b, p, w]
         gm = torch.bmm(r, g.transpose(1, 2))                                   # [b, k*h, p]
         g_mix = gm if g_mix is None else g_mix.add_(gm)
-        g_rows = torch.bmm(mix_t, g, out=scratch.empty(f"g_rows{i}", r.shape, g))   # [b, k*h, w]
+        g_rows = torch.bmm(mix_t, g, out=r)           # [b, k*h, w], into the rows (not read again)
         g_ov = g.new_zeros(ov_shape).index_add_(0, k_rows.reshape(-1), g_rows.view(B * nk, -1))
         g_sk = g.new_zeros(sk_shape).index_add_(0, q_rows.reshape(-1), g.view(B * P, -1))
         g_tables += [g_ov, g_sk]
