@@ -193,3 +193,27 @@ def test_reused_work_buffers_never_mix_two_pending_backwards():
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, singles[0][name] + singles[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_work_buffers_stay_within_their_budget_across_many_batch_sizes():
+    """The fast path reuses work tensors between calls; calling it with ever new batch sizes
+    neither grows them without bound nor changes a result."""
+    from qkov.fastpath.kernels import _SCRATCH_BUDGET
+
+    task = get_task("max")
+    model = Transformer(task.model_config(), seed=0)
+    fn = scored_logits_fn(model, task)
+    gen = torch.Generator().manual_seed(0)
+    kept = []
+    for batch in range(300, 3000, 97):
+        sample = task.sample(batch, gen)
+        tokens, targets = sample.tokens, sample.targets[:, task.scored_positions]
+        nll, pred = fn.nll_and_prediction(tokens, targets)
+        logits = model(tokens, positions=task.scored_positions)
+        assert torch.equal(pred, logits.argmax(-1))
+        want = -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        torch.testing.assert_close(nll, want, rtol=1e-4, atol=1e-5)
+        kept.append(fn.scratch.nbytes)
+        assert fn.scratch.nbytes == sum(b.numel() * b.element_size() for b in fn.scratch.bufs.values())
+    assert max(kept) <= _SCRATCH_BUDGET
+    assert any(b < a for a, b in zip(kept, kept[1:]))          # it was emptied, not grown
