@@ -41,8 +41,7 @@ class MaxTask(Task):
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         tokens = torch.randint(0, self.vocab, (n, self.max_len), generator=generator)
         running_max = tokens.cummax(dim=1).values                              # [b, p]
-        pos = self.scored_positions
-        return _fixed_targets(tokens, pos, running_max[:, pos])
+        return _fixed_targets(tokens, self.scored_positions, running_max[:, self.min_len - 1:])
 
     def _eval_samples(self) -> int:
         return 10_000  # per length: each sequence scores every length at once
