@@ -87,7 +87,8 @@ def scored_loss_fn(model, task: Task, logits_fn: Callable[[Tensor], Tensor] | No
     logits_fn = logits_fn or scored_logits_fn(model, task)
     if logits_fn is None:
         return None
-    fused = isinstance(logits_fn, _PushedForward) and type(task).loss is Task.loss
+    # Decided once: the other models never try the fused kernel (nor check their tokens twice).
+    fused = isinstance(logits_fn, _PushedForward) and logits_fn.attn_only and type(task).loss is Task.loss
 
     def loss(tokens: Tensor, targets: Tensor) -> Tensor:
         out = logits_fn.loss(tokens, targets, task.loss_dtype) if fused else None

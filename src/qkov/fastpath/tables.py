@@ -8,13 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import Transformer, heads_matrix
+from ..tasks.base import _as_index, _nll_and_prediction
 from .attn_only import _AttnOnlyLogits, _AttnOnlyLoss
 from .attn_only import _forward as _attn_only_forward
 from .attn_only import loss_and_grads as _attn_only_loss_and_grads
-from ..tasks.base import _as_index, _nll_and_prediction
 from .kernels import Scratch, _AttendMix, _WeightedBag
-
-
 
 # Use the score table when it has at most this many entries per (example, query, key) triple
 # in the batch (measured on CPU: max at batch 512, add and fib full batch all gain from it).
@@ -50,7 +48,7 @@ class _TableForward:
         self.pos_cols = _as_index(positions)       # tokens[:, pos_cols]: a view where consecutive
         self._p_range, self._k_range = torch.arange(len(positions)), torch.arange(self.n_keys)
         # Keys after a scored query position: masked out of its softmax. [1, k, 1, p]
-        self._masked = (torch.arange(self.n_keys)[:, None] > self.pos_idx[None, :])[None, :, None, :]
+        self._masked = (self._k_range[:, None] > self.pos_idx[None, :])[None, :, None, :]
 
     def _embed_table(self, n: int) -> Tensor:
         """The residual stream's start for every (position, token) of ``n``-token sequences:
@@ -175,32 +173,39 @@ class _TableForward:
 class _PushedForward(_TableForward):
     """No LayerNorm: values pushed through ``W_O W_in`` and ``W_O W_U``, mixed by the pattern."""
 
+    def __init__(self, model: Transformer, positions: list[int]):
+        super().__init__(model, positions)
+        # The hand-written attention-only kernels: no MLP, several scored positions (and, per
+        # call, a batch large enough for the score table).
+        self.attn_only = not hasattr(self.block, "mlp") and len(positions) > 1
+
     def _attn_only(self, tokens: Tensor) -> bool:
-        """Whether the hand-written attention-only kernels apply: no MLP, several scored
-        positions, and a batch large enough for the score table."""
-        return (not hasattr(self.block, "mlp") and len(self.positions) > 1
-                and self._use_score_table(len(tokens), self.model.cfg.d_vocab))
+        return self.attn_only and self._use_score_table(len(tokens), self.model.cfg.d_vocab)
 
     def _attn_only_params(self) -> tuple[Tensor, ...]:
         m, attn = self.model, self.block.attn
         return (m.embed.W_E, m.pos_embed.W_pos, attn.W_Q, attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V,
                 attn.W_O, attn.b_O, m.unembed.W_U, m.unembed.b_U)
 
+    def _fused_loss_tokens(self, tokens: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The checked tokens where the fused loss applies (attention-only kernels, and a loss
+        in the weights' dtype), else None."""
+        if not self.attn_only or self.model.embed.W_E.dtype != dtype:
+            return None
+        tokens = self.model._check_tokens(tokens)
+        return tokens if self._attn_only(tokens) else None
+
     def loss(self, tokens: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor | None:
         """Mean cross-entropy against ``targets [b, p]`` from the fused attention-only kernel,
         or None where it does not apply (or the loss wants another dtype than the weights')."""
-        tokens = self.model._check_tokens(tokens)
-        if not self._attn_only(tokens) or self.model.embed.W_E.dtype != dtype:
-            return None
-        return _AttnOnlyLoss.apply(self, tokens, targets, *self._attn_only_params())
+        tokens = self._fused_loss_tokens(tokens, dtype)
+        return None if tokens is None else _AttnOnlyLoss.apply(self, tokens, targets, *self._attn_only_params())
 
     def loss_with_grads(self, tokens: Tensor, targets: Tensor, dtype: torch.dtype) -> Tensor | None:
         """:meth:`loss`, its gradients added to the parameters' ``.grad`` by the hand-written
         backward directly (no autograd), or None where the fused kernel does not apply."""
-        tokens = self.model._check_tokens(tokens)
-        if not self._attn_only(tokens) or self.model.embed.W_E.dtype != dtype:
-            return None
-        return _attn_only_loss_and_grads(self, tokens, targets, self._attn_only_params())
+        tokens = self._fused_loss_tokens(tokens, dtype)
+        return None if tokens is None else _attn_only_loss_and_grads(self, tokens, targets, self._attn_only_params())
 
     @torch.no_grad()
     def nll_and_prediction(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,14 +215,17 @@ class _PushedForward(_TableForward):
         a third of an eval's time."""
         tokens = self.model._check_tokens(tokens)
         if not self._attn_only(tokens):
-            return _nll_and_prediction(self(tokens).float(), targets)
+            return _nll_and_prediction(self._logits(tokens).float(), targets)
         lease = self.scratch.lease()
         logits, _ = _attn_only_forward(self, tokens, self._attn_only_params(), lease, lease)
         return _nll_and_prediction(logits.float(), targets, lease)
 
     def __call__(self, tokens: Tensor) -> Tensor:
+        return self._logits(self.model._check_tokens(tokens))
+
+    def _logits(self, tokens: Tensor) -> Tensor:
+        """:meth:`__call__` on tokens already checked."""
         model, block, attn = self.model, self.block, self.block.attn
-        tokens = model._check_tokens(tokens)
         if self._attn_only(tokens):
             return _AttnOnlyLogits.apply(self, tokens, *self._attn_only_params())
         x_tab = self._embed_table(tokens.shape[1])                              # [n, V, d]
