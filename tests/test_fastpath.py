@@ -6,10 +6,26 @@ import pytest
 import torch
 
 from qkov.config import ModelConfig
-from qkov.fastpath import scored_logits_fn, scored_loss_fn
+from qkov.fastpath import native, scored_logits_fn, scored_loss_fn
 from qkov.model import Transformer
 from qkov.tasks import IGNORE, get_task
 
+
+@pytest.fixture(params=["native", "torch"])
+def kernels(request):
+    """Run the test with the C kernels (``fastpath/native.py``), then with the torch kernels."""
+    old = native.use_native(request.param == "native")
+    if request.param == "native":
+        assert native.available(), "the C kernels were not built: reinstall qkov where a C compiler is present"
+    yield request.param
+    native.use_native(old)
+
+
+@pytest.fixture
+def torch_kernels():
+    old = native.use_native(False)
+    yield
+    native.use_native(old)
 
 
 def _randomised(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> Transformer:
@@ -129,7 +145,7 @@ def _loss_and_grads(model, loss_fn):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("ignored", [False, True])
-def test_fused_attention_only_loss_equals_cross_entropy_of_the_plain_forward(seed, ignored):
+def test_fused_attention_only_loss_equals_cross_entropy_of_the_plain_forward(seed, ignored, kernels):
     """The max model's training loss (cross-entropy fused into the hand-written kernel) and its
     gradients equal task.loss of model(tokens, positions=...), with and without ignored targets."""
     task = get_task("max")
@@ -176,7 +192,7 @@ def test_loss_fn_falls_back_to_the_task_loss_where_nothing_is_fused():
     torch.testing.assert_close(scored_loss_fn(model, task)(batch.tokens, t), want)
 
 
-def test_reused_work_buffers_never_mix_two_pending_backwards():
+def test_reused_work_buffers_never_mix_two_pending_backwards(kernels):
     """Two forwards before either backward: the second cannot borrow the first's work tensors
     (Scratch leases), so both give their own gradients, equal to separate runs."""
     task = get_task("max")
@@ -195,9 +211,10 @@ def test_reused_work_buffers_never_mix_two_pending_backwards():
             torch.testing.assert_close(p.grad, singles[0][name] + singles[1][name], rtol=1e-5, atol=1e-7)
 
 
-def test_work_buffers_stay_within_their_budget_across_many_batch_sizes():
+def test_work_buffers_stay_within_their_budget_across_many_batch_sizes(torch_kernels):
     """The fast path reuses work tensors between calls; calling it with ever new batch sizes
-    neither grows them without bound nor changes a result."""
+    neither grows them without bound nor changes a result. (The torch kernels: the C kernels'
+    buffers do not depend on the batch.)"""
     from qkov.fastpath.kernels import _SCRATCH_BUDGET
 
     task = get_task("max")

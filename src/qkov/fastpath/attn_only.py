@@ -20,13 +20,15 @@ import torch
 from torch import Tensor
 
 from ..model import heads_matrix
-from ..tasks.base import _LOG2E, IGNORE
+from ..tasks.base import _LOG2E, IGNORE, _nll_and_prediction
+from . import native
 from .kernels import FRESH, _Fresh, _Lease, _softmax_mix_backward, _softmax_mix_forward
 
 
-def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _Fresh,
-             outs_from: _Lease | _Fresh) -> tuple[Tensor, tuple]:
-    """Logits ``[b, p, v_out]`` (allocated by ``outs_from``) and what :func:`_backward` needs.
+def _tables(fwd, params: tuple[Tensor, ...], lease: _Lease | _Fresh) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
+    """The three tables the per-example kernels read (layouts as in ``_native.c``): scores
+    ``s2 [h, k*V, V+p]``, values through ``W_O W_U`` ``ov [k*V, h*v_out]`` and the skip path
+    ``skip [p*V, v_out]`` (biases folded in), and what :func:`_tables_backward` needs.
 
     The residual stream a key, value, query or the skip path reads is ``W_E[t] + W_pos[j]``, and
     all of them are linear in it. So every projection is taken of the V token rows and of the
@@ -36,7 +38,6 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     (key position, key token) rows against the V + p query factors, read twice per score.
     """
     W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O, W_U, b_U = params
-    B = len(tokens)
     V, d = W_E.shape
     h, _, e = W_Q.shape
     w = W_U.shape[1]
@@ -57,6 +58,16 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     f_u = torch.cat([W_E, W_pos[fwd.pos_cols]])                                 # [V+p, d]
     u_f = torch.mm(f_u, W_U)                                                    # [V+p, v_out] skip factors
     skip = (u_f[None, :V] + (u_f[V:] + (b_O @ W_U + b_U))[:, None]).view(P * V, w)
+    return (s2, ov, skip), (W_qkv, qf, k, v_f, W_OU, f_u, scale, (V, d, h, e, w, P, nk), fwd)
+
+
+def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _Fresh,
+             outs_from: _Lease | _Fresh) -> tuple[Tensor, tuple]:
+    """Logits ``[b, p, v_out]`` (allocated by ``outs_from``) and what :func:`_backward` needs:
+    the tables, then torch's kernels over the batch."""
+    (s2, ov, skip), tables = _tables(fwd, params, lease)
+    V, h, P = tables[-2][0], tables[-2][2], tables[-2][5]
+    B, nk = len(tokens), fwd.n_keys
     q_tok = tokens[:, fwd.pos_cols]                                             # [b, p]
     k_rows = fwd._key_rows(tokens, V)                                           # [b, k]
     q_rows = fwd._query_rows(tokens, V)                                         # [b, p]
@@ -67,20 +78,29 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     scores = s2.view(-1, V + P)[:, V:].index_select(0, row).view(B, nk, h, P)
     scores += s2.view(-1).index_select(0, idx_tok.view(-1)).view(B, nk, h, P)
     (out,), mix = _softmax_mix_forward(scores, fwd._masked, k_rows, q_rows, (ov, skip), lease, outs_from)
-    return out, (mix, lease, W_qkv, qf, k, v_f, W_OU, f_u, scale, idx_tok, row, (V, d, h, e, w, P, nk), fwd)
+    return out, (mix, lease, idx_tok, row, tables)
 
 
 def _backward(state: tuple, params: tuple[Tensor, ...], g_out: Tensor) -> tuple[Tensor, ...]:
     """Gradients of the 12 parameters from the logits' gradient ``g_out [b, p, v_out]``: back
-    through the per-example kernels to the tables, from the tables to their factors (a sum
-    over the other index of the broadcast), and from the factors to the weights."""
-    mix, lease, W_qkv, qf, k, v_f, W_OU, f_u, scale, idx_tok, row, (V, d, h, e, w, P, nk), fwd = state
-    W_E, W_pos, W_O, b_O, W_U = params[0], params[1], params[8], params[9], params[10]
-    he = h * e
+    through the per-example kernels to the tables, then :func:`_tables_backward`."""
+    mix, lease, idx_tok, row, tables = state
+    V, h, P, nk = tables[-2][0], tables[-2][2], tables[-2][5], tables[-2][6]
     g_s, (g_ov, g_skip) = _softmax_mix_backward(mix, (g_out,))                 # [b, k, h, p]
     g_s2 = lease.empty("g_s2", (h * nk * V, V + P), g_s).zero_()
     g_s2.view(-1).index_add_(0, idx_tok.view(-1), g_s.view(-1))
     g_s2[:, V:].index_add_(0, row, g_s.view(-1, P))
+    return _tables_backward(tables, params, g_s2, g_ov, g_skip)
+
+
+def _tables_backward(tables: tuple, params: tuple[Tensor, ...], g_s2: Tensor, g_ov: Tensor,
+                     g_skip: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of the 12 parameters from the tables' (``g_s2`` read as ``[h, k*V, V+p]``,
+    ``g_ov [k*V, h*v_out]``, ``g_skip [p*V, v_out]``): from the tables to their factors (a sum
+    over the other index of the broadcast), and from the factors to the weights."""
+    W_qkv, qf, k, v_f, W_OU, f_u, scale, (V, d, h, e, w, P, nk), fwd = tables
+    W_E, W_pos, W_O, b_O, W_U = params[0], params[1], params[8], params[9], params[10]
+    he = h * e
     g_s2 = g_s2.view(h, nk * V, V + P)
     g_k = torch.bmm(g_s2, qf.transpose(1, 2)).transpose(0, 1).reshape(nk, V, he)
     g_q = torch.bmm(k.transpose(1, 2), g_s2).permute(2, 0, 1).reshape(V + P, he).mul_(scale)
@@ -129,8 +149,15 @@ class _AttnOnlyLogits(torch.autograd.Function):
 def _loss_forward(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple]:
     """Mean cross-entropy of the logits at the scored positions against ``targets [b, p]``
     (``IGNORE`` where a position has none), as ``F.cross_entropy(..., ignore_index=IGNORE)``,
-    and what :func:`_loss_backward` needs. Logits and softmax stay in reused buffers."""
+    and what :func:`_loss_backward` needs. The C kernels (``native.py``) compute the tables'
+    gradients in the same pass; the torch kernels keep logits and softmax in reused buffers."""
     lease = fwd.scratch.lease()
+    if native.applies(params[0].dtype, tokens, fwd.n_keys):
+        tabs, tables = _tables(fwd, params, lease)
+        grads = tuple(lease.empty(f"native_{i}", t.shape, t) for i, t in enumerate(tabs))
+        loss = native.loss_and_grads(*tabs, tokens, targets, fwd.pos_idx, *grads)
+        # The state holds the lease: its buffers are this forward's until the backward has run.
+        return torch.tensor(loss, dtype=tabs[0].dtype), ("native", lease, tables, grads)
     logits, state = _forward(fwd, tokens, params, lease, lease)
     flat = logits.view(-1, logits.shape[-1])                                    # [b*p, v]
     t = targets.reshape(-1, 1)
@@ -145,13 +172,18 @@ def _loss_forward(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ..
     nll = total.log().add_(m).sub_(picked)                                      # log Σ exp - logit[target]
     weight = valid.to(flat.dtype).div_(valid.sum())                             # each row's share of the mean
     # exp(x - m) stays unnormalised: the backward scales it by weight / total in its one pass.
-    return (nll * weight).sum(), (state, probs, total, t, weight, logits.shape)
+    return (nll * weight).sum(), (state, (probs, total, t, weight, logits.shape))
 
 
-def _loss_backward(state: tuple, params: tuple[Tensor, ...], g_loss: Tensor) -> tuple[Tensor, ...]:
-    """The 12 parameters' gradients of ``g_loss`` times the loss."""
-    state, probs, total, t, weight, shape = state
-    w = weight * g_loss                                                         # [b*p, 1]
+def _loss_backward(state: tuple, params: tuple[Tensor, ...], g_loss: Tensor | None) -> tuple[Tensor, ...]:
+    """The 12 parameters' gradients of ``g_loss`` (None: 1) times the loss."""
+    if state[0] == "native":                                                    # d loss / d tables given
+        _, _, tables, grads = state
+        if g_loss is not None:
+            grads = tuple(g.mul_(g_loss) for g in grads)
+        return _tables_backward(tables, params, *grads)
+    state, (probs, total, t, weight, shape) = state
+    w = weight if g_loss is None else weight * g_loss                           # [b*p, 1]
     g = probs.mul_(w / total).scatter_add_(1, t, -w)                            # (softmax - onehot) · w
     return _backward(state, params, g.view(shape))
 
@@ -178,9 +210,21 @@ def loss_and_grads(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, .
     hand-written backward: what ``_AttnOnlyLoss.apply(...).backward()`` does, without autograd's
     node, engine and 12 gradient-accumulation calls (~0.1 ms of a 3 ms max step)."""
     loss, state = _loss_forward(fwd, tokens, targets, params)
-    for p, g in zip(params, _loss_backward(state, params, torch.ones((), dtype=loss.dtype))):
+    for p, g in zip(params, _loss_backward(state, params, None)):
         if p.grad is None:
             p.grad = g
         else:
             p.grad += g
     return loss
+
+
+@torch.no_grad()
+def nll_and_prediction(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """The NLL of ``targets [b, p]`` and the first argmax at the scored positions, ``[b, p]``
+    each (what ``Task._measure`` reads), from the C kernels or from the logits."""
+    lease = fwd.scratch.lease()
+    if native.applies(params[0].dtype, tokens, fwd.n_keys):
+        tabs, _ = _tables(fwd, params, lease)
+        return native.nll_and_prediction(*tabs, tokens, targets, fwd.pos_idx)
+    logits, _ = _forward(fwd, tokens, params, lease, lease)
+    return _nll_and_prediction(logits.float(), targets, lease)

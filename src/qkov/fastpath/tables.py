@@ -10,8 +10,8 @@ from torch import Tensor
 from ..model import Transformer, heads_matrix
 from ..tasks.base import _as_index, _nll_and_prediction
 from .attn_only import _AttnOnlyLogits, _AttnOnlyLoss
-from .attn_only import _forward as _attn_only_forward
 from .attn_only import loss_and_grads as _attn_only_loss_and_grads
+from .attn_only import nll_and_prediction as _attn_only_nll_and_prediction
 from .kernels import Scratch, _AttendMix, _WeightedBag
 
 # Use the score table when it has at most this many entries per (example, query, key) triple
@@ -216,9 +216,7 @@ class _PushedForward(_TableForward):
         tokens = self.model._check_tokens(tokens)
         if not self._attn_only(tokens):
             return _nll_and_prediction(self._logits(tokens).float(), targets)
-        lease = self.scratch.lease()
-        logits, _ = _attn_only_forward(self, tokens, self._attn_only_params(), lease, lease)
-        return _nll_and_prediction(logits.float(), targets, lease)
+        return _attn_only_nll_and_prediction(self, tokens, targets, self._attn_only_params())
 
     def __call__(self, tokens: Tensor) -> Tensor:
         return self._logits(self.model._check_tokens(tokens))
