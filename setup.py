@@ -8,7 +8,7 @@ import sys
 
 from setuptools import Extension, setup
 
-flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-std=c11"]
+flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd", "-std=gnu11"]
 
 setup(ext_modules=[Extension("qkov.fastpath._native", ["src/qkov/fastpath/_native.c"],
                              extra_compile_args=flags, optional=True)])

@@ -41,6 +41,14 @@
 #define MULTIVERSION
 #endif
 
+/* Helpers are inlined into each of those copies (a helper left out of line is compiled for the
+   baseline instruction set only). */
+#if defined(__GNUC__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
 typedef struct {
     const float *s2, *ov, *skip;
     const int64_t *tokens, *targets, *pos;
@@ -50,7 +58,7 @@ typedef struct {
 
 /* exp(x) for x <= 0 (Cephes's expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], about
    1 ulp), written without calls or branches so that loops over it vectorise. */
-static inline float exp_nonpos(float x)
+INLINE float exp_nonpos(float x)
 {
     x = x < -87.0f ? -87.0f : x;
     float n = x * 1.44269504088896341f;
@@ -66,60 +74,12 @@ static inline float exp_nonpos(float x)
     return y * scale;
 }
 
-/* Row j*V + tokens[b, j] of the key tables, for every key position j < nk. 0 on a bad token. */
-static inline int key_rows(const Problem *pr, int64_t b, int64_t *krow)
-{
-    const int64_t *tok = pr->tokens + b * pr->tok_s0;
-    for (int64_t j = 0; j < pr->nk; j++) {
-        int64_t t = tok[j * pr->tok_s1];
-        if (t < 0 || t >= pr->V)
-            return 0;
-        krow[j] = j * pr->V + t;
-    }
-    return 1;
-}
-
-/* The attention pattern of query (b, p) over its nkeys causal keys (pat [h, nkeys]) and its
-   logits [w]. */
-static inline void attend(const Problem *pr, const int64_t *krow, int64_t nkeys, int64_t tq, int64_t p,
-                          float *pat, float *logits)
-{
-    const int64_t h = pr->h, w = pr->w, V = pr->V, C = pr->V + pr->P, R = pr->nk * pr->V;
-    for (int64_t hh = 0; hh < h; hh++) {
-        const float *s = pr->s2 + hh * R * C;
-        float *pa = pat + hh * nkeys, m = -INFINITY, z = 0.0f;
-        for (int64_t j = 0; j < nkeys; j++) {
-            const float *row = s + krow[j] * C;
-            pa[j] = row[V + p] + row[tq];
-            m = pa[j] > m ? pa[j] : m;
-        }
-        for (int64_t j = 0; j < nkeys; j++) {
-            pa[j] = exp_nonpos(pa[j] - m);
-            z += pa[j];
-        }
-        const float inv = 1.0f / z;
-        for (int64_t j = 0; j < nkeys; j++)
-            pa[j] *= inv;
-    }
-    memcpy(logits, pr->skip + (p * V + tq) * w, (size_t)w * sizeof(float));
-    for (int64_t j = 0; j < nkeys; j++) {
-        const float *row = pr->ov + krow[j] * h * w;
-        for (int64_t hh = 0; hh < h; hh++) {
-            const float a = pat[hh * nkeys + j];
-            const float *r = row + hh * w;
-#pragma omp simd
-            for (int64_t c = 0; c < w; c++)
-                logits[c] += a * r[c];
-        }
-    }
-}
-
 /* Reductions over a row keep LANES partial results (one vector register's worth, filled by
    loops the compiler vectorises without reassociating floats) and combine them in a fixed tree:
    GCC's `omp simd` reductions ended in 16 dependent scalar adds through the stack. */
 #define LANES 16
 
-static inline float tree_sum(float *acc)
+INLINE float tree_sum(float *acc)
 {
     for (int s = LANES / 2; s > 0; s /= 2)
         for (int l = 0; l < s; l++)
@@ -127,8 +87,49 @@ static inline float tree_sum(float *acc)
     return acc[0];
 }
 
+INLINE float row_sum(const float *x, int64_t n)
+{
+    float acc[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= n; c += LANES)
+        for (int l = 0; l < LANES; l++)
+            acc[l] += x[c + l];
+    for (; c < n; c++)
+        acc[0] += x[c];
+    return tree_sum(acc);
+}
+
+INLINE float row_max(const float *x, int64_t n)
+{
+    float acc[LANES];
+    int64_t c = 0;
+    for (int l = 0; l < LANES; l++)
+        acc[l] = x[0];
+    for (; c + LANES <= n; c += LANES)
+        for (int l = 0; l < LANES; l++)
+            acc[l] = x[c + l] > acc[l] ? x[c + l] : acc[l];
+    for (; c < n; c++)
+        acc[0] = x[c] > acc[0] ? x[c] : acc[0];
+    for (int s = LANES / 2; s > 0; s /= 2)
+        for (int l = 0; l < s; l++)
+            acc[l] = acc[l + s] > acc[l] ? acc[l + s] : acc[l];
+    return acc[0];
+}
+
+/* The first c with x[c] == v (n if none), as torch's argmax breaks ties: an integer minimum
+   over the whole row, which vectorises (a loop that exits at the first hit does not). */
+INLINE int64_t first_index_of(const float *x, int64_t n, float v)
+{
+    int32_t first = (int32_t)n;
+    for (int32_t c = 0; c < (int32_t)n; c++) {
+        const int32_t cand = x[c] == v ? c : (int32_t)n;
+        first = cand < first ? cand : first;
+    }
+    return first;
+}
+
 /* Returns a . b; adds alpha * b to y in the same pass. */
-static inline float dot_axpy(const float *a, const float *b, float *y, float alpha, int64_t n)
+INLINE float dot_axpy(const float *a, const float *b, float *y, float alpha, int64_t n)
 {
     float acc[LANES] = {0};
     int64_t c = 0;
@@ -144,74 +145,127 @@ static inline float dot_axpy(const float *a, const float *b, float *y, float alp
     return tree_sum(acc);
 }
 
-/* ex[c] = exp(logits[c] - max) and the max; returns the sum of ex. */
-static inline float softmax_terms(const float *logits, int64_t w, float *ex, float *top)
+/* Examples are taken BLOCK at a time, one scored position after another: the exponentials of
+   a block (its patterns, then its logits) run as one long loop, where per query they were
+   loops of 2 to 6 keys that vectorised badly; a block's logits (BLOCK * w floats) stay in L1. */
+#define BLOCK 32
+
+typedef struct {
+    int64_t *krow;        /* [BLOCK, nk]: row j*V + tokens[b, j] of the key tables */
+    float *pat, *g_pat;   /* [BLOCK, h, nk] */
+    float *ex;            /* [BLOCK, w]: logits, then exp(logits - top), then their gradient */
+    float *top, *sum;     /* [BLOCK]: each row's max logit and sum of ex */
+} Work;
+
+/* The key rows of examples b0 .. b0+nb-1; 0 on a token outside 0..V-1. */
+INLINE int block_rows(const Problem *pr, int64_t b0, int64_t nb, int64_t *krow)
 {
-    float acc[LANES], m = logits[0];
-    int64_t c = 0;
-    for (int l = 0; l < LANES; l++)
-        acc[l] = m;
-    for (; c + LANES <= w; c += LANES)
-        for (int l = 0; l < LANES; l++)
-            acc[l] = logits[c + l] > acc[l] ? logits[c + l] : acc[l];
-    for (; c < w; c++)
-        acc[0] = logits[c] > acc[0] ? logits[c] : acc[0];
-    for (int s = LANES / 2; s > 0; s /= 2)
-        for (int l = 0; l < s; l++)
-            acc[l] = acc[l + s] > acc[l] ? acc[l + s] : acc[l];
-    m = acc[0];
-    /* a plain loop for the exponentials: the loop vectoriser takes exp_nonpos's body whole,
-       where a lanes loop around it was left scalar */
-#pragma omp simd
-    for (c = 0; c < w; c++)
-        ex[c] = exp_nonpos(logits[c] - m);
-    for (int l = 0; l < LANES; l++)
-        acc[l] = 0.0f;
-    for (c = 0; c + LANES <= w; c += LANES)
-        for (int l = 0; l < LANES; l++)
-            acc[l] += ex[c + l];
-    for (; c < w; c++)
-        acc[0] += ex[c];
-    *top = m;
-    return tree_sum(acc);
+    for (int64_t i = 0; i < nb; i++) {
+        const int64_t *tok = pr->tokens + (b0 + i) * pr->tok_s0;
+        for (int64_t j = 0; j < pr->nk; j++) {
+            const int64_t t = tok[j * pr->tok_s1];
+            if (t < 0 || t >= pr->V)
+                return 0;
+            krow[i * pr->nk + j] = j * pr->V + t;
+        }
+    }
+    return 1;
 }
 
-/* The first c with x[c] == v (w if none): as torch's argmax breaks ties. A minimum over lanes,
-   since loops that exit early are not vectorised. */
-static inline int64_t first_index_of(const float *x, int64_t w, float v)
+/* Query token of example i (of the block) at scored position p. */
+INLINE int64_t query_token(const Problem *pr, const int64_t *krow, int64_t i, int64_t p)
 {
-    int32_t acc[LANES];
-    int64_t c = 0;
-    const int32_t none = (int32_t)w;
-    for (int l = 0; l < LANES; l++)
-        acc[l] = none;
-    for (; c + LANES <= w; c += LANES)
-        for (int l = 0; l < LANES; l++) {
-            const int32_t i = (int32_t)(c + l);
-            acc[l] = x[c + l] == v && i < acc[l] ? i : acc[l];
+    const int64_t qp = pr->pos[p];
+    return krow[i * pr->nk + qp] - qp * pr->V;
+}
+
+/* Forward of nb examples at scored position p: patterns pat [nb, h, nkeys], and in ex the
+   terms exp(logits - top) of each row, with top and their sum. */
+INLINE void block_forward(const Problem *pr, const int64_t *krow, int64_t nb, int64_t p, Work *wk)
+{
+    const int64_t h = pr->h, w = pr->w, V = pr->V, nk = pr->nk, C = V + pr->P, R = nk * V;
+    const int64_t nkeys = pr->pos[p] + 1, n_pat = nb * h * nkeys;
+    float *pat = wk->pat, *ex = wk->ex;
+    /* scores, each row shifted by its max */
+    for (int64_t i = 0; i < nb; i++) {
+        const int64_t tq = query_token(pr, krow, i, p);
+        for (int64_t hh = 0; hh < h; hh++) {
+            const float *s = pr->s2 + hh * R * C;
+            float *pa = pat + (i * h + hh) * nkeys, m = -INFINITY;
+            for (int64_t j = 0; j < nkeys; j++) {
+                const float *row = s + krow[i * nk + j] * C;
+                pa[j] = row[V + p] + row[tq];
+                m = pa[j] > m ? pa[j] : m;
+            }
+            for (int64_t j = 0; j < nkeys; j++)
+                pa[j] -= m;
         }
-    for (; c < w; c++)
-        acc[0] = x[c] == v && (int32_t)c < acc[0] ? (int32_t)c : acc[0];
-    for (int s = LANES / 2; s > 0; s /= 2)
-        for (int l = 0; l < s; l++)
-            acc[l] = acc[l + s] < acc[l] ? acc[l + s] : acc[l];
-    return acc[0];
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < n_pat; k++)
+        pat[k] = exp_nonpos(pat[k]);
+    for (int64_t r = 0; r < nb * h; r++) {
+        float *pa = pat + r * nkeys, z = 0.0f;
+        for (int64_t j = 0; j < nkeys; j++)
+            z += pa[j];
+        const float inv = 1.0f / z;
+        for (int64_t j = 0; j < nkeys; j++)
+            pa[j] *= inv;
+    }
+    /* logits, each row shifted by its max */
+    for (int64_t i = 0; i < nb; i++) {
+        float *lg = ex + i * w;
+        memcpy(lg, pr->skip + (p * V + query_token(pr, krow, i, p)) * w, (size_t)w * sizeof(float));
+        for (int64_t j = 0; j < nkeys; j++) {
+            const float *row = pr->ov + krow[i * nk + j] * h * w;
+            for (int64_t hh = 0; hh < h; hh++) {
+                const float a = pat[(i * h + hh) * nkeys + j], *r = row + hh * w;
+#pragma omp simd
+                for (int64_t c = 0; c < w; c++)
+                    lg[c] += a * r[c];
+            }
+        }
+        wk->top[i] = row_max(lg, w);
+    }
+}
+
+/* exp of the shifted logits of nb rows (in place) and each row's sum; the shifted logit of a
+   target is read before. */
+INLINE void block_exp(int64_t nb, int64_t w, Work *wk)
+{
+    float *ex = wk->ex;
+    for (int64_t i = 0; i < nb; i++) {
+        const float m = wk->top[i];
+        float *row = ex + i * w;
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++)
+            row[c] -= m;
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < nb * w; k++)
+        ex[k] = exp_nonpos(ex[k]);
+    for (int64_t i = 0; i < nb; i++)
+        wk->sum[i] = row_sum(ex + i * w, w);
 }
 
 /* Error codes for the wrapper. */
 enum { OK = 0, BAD_TOKEN = 1, BAD_TARGET = 2 };
 
+INLINE int64_t target_at(const Problem *pr, int64_t b, int64_t p)
+{
+    return pr->targets[b * pr->tgt_s0 + p * pr->tgt_s1];
+}
+
 /* Mean cross-entropy and its gradients, added into the zeroed g_s2, g_ov, g_skip (shapes as
-   s2, ov, skip). work: h*nk + h*nk + 2*w + nk floats' room. */
+   s2, ov, skip). */
 MULTIVERSION
-static int loss_and_grads(const Problem *pr, float *g_s2, float *g_ov, float *g_skip, float *work,
-                          int64_t *krow, double *loss)
+static int loss_and_grads(const Problem *pr, float *g_s2, float *g_ov, float *g_skip, Work *wk, double *loss)
 {
     const int64_t h = pr->h, w = pr->w, V = pr->V, P = pr->P, nk = pr->nk, C = V + P, R = nk * V;
     int64_t n_valid = 0;
     for (int64_t b = 0; b < pr->B; b++)
         for (int64_t p = 0; p < P; p++) {
-            int64_t t = pr->targets[b * pr->tgt_s0 + p * pr->tgt_s1];
+            const int64_t t = target_at(pr, b, p);
             if (t == IGNORE_INDEX)
                 continue;
             if (t < 0 || t >= w)
@@ -223,49 +277,56 @@ static int loss_and_grads(const Problem *pr, float *g_s2, float *g_ov, float *g_
         return OK;
     }
     const float wt = 1.0f / (float)n_valid;      /* each query's share of the mean */
-    float *pat = work, *g_pat = pat + h * nk, *logits = g_pat + h * nk, *g = logits + w;
     double total = 0.0;
-    for (int64_t b = 0; b < pr->B; b++) {
-        if (!key_rows(pr, b, krow))
+    for (int64_t b0 = 0; b0 < pr->B; b0 += BLOCK) {
+        const int64_t nb = pr->B - b0 < BLOCK ? pr->B - b0 : BLOCK;
+        if (!block_rows(pr, b0, nb, wk->krow))
             return BAD_TOKEN;
         for (int64_t p = 0; p < P; p++) {
-            const int64_t t = pr->targets[b * pr->tgt_s0 + p * pr->tgt_s1];
-            if (t == IGNORE_INDEX)
-                continue;
-            const int64_t qp = pr->pos[p], nkeys = qp + 1;
-            const int64_t tq = krow[qp] - qp * V;
-            attend(pr, krow, nkeys, tq, p, pat, logits);
-            float top, s = softmax_terms(logits, w, g, &top);
-            total += (double)(logf(s) + top - logits[t]);
-            /* d loss / d logits = (softmax - onehot) * wt */
-            const float scale = wt / s;
-            float *gs = g_skip + (p * V + tq) * w;
-#pragma omp simd
-            for (int64_t c = 0; c < w; c++) {
-                g[c] *= scale;
+            const int64_t nkeys = pr->pos[p] + 1;
+            block_forward(pr, wk->krow, nb, p, wk);
+            for (int64_t i = 0; i < nb; i++) {    /* NLL = log sum - (logit[t] - top) */
+                const int64_t t = target_at(pr, b0 + i, p);
+                if (t != IGNORE_INDEX)
+                    total += (double)(-(wk->ex[i * w + t] - wk->top[i]));
             }
-            g[t] -= wt;
+            block_exp(nb, w, wk);
+            for (int64_t i = 0; i < nb; i++) {
+                const int64_t t = target_at(pr, b0 + i, p);
+                if (t == IGNORE_INDEX)
+                    continue;
+                total += (double)logf(wk->sum[i]);
+                const int64_t *kr = wk->krow + i * nk, tq = query_token(pr, wk->krow, i, p);
+                const float *pat = wk->pat + i * h * nkeys;
+                float *g_pat = wk->g_pat, *g = wk->ex + i * w, *gs = g_skip + (p * V + tq) * w;
+                /* d loss / d logits = (softmax - onehot) * wt, into the skip row's gradient */
+                const float scale = wt / wk->sum[i];
 #pragma omp simd
-            for (int64_t c = 0; c < w; c++)
-                gs[c] += g[c];
-            /* back through the mixing: each value row's gradient and the pattern's */
-            for (int64_t j = 0; j < nkeys; j++) {
-                const float *row = pr->ov + krow[j] * h * w;
-                float *g_row = g_ov + krow[j] * h * w;
-                for (int64_t hh = 0; hh < h; hh++)
-                    g_pat[hh * nkeys + j] = dot_axpy(row + hh * w, g, g_row + hh * w, pat[hh * nkeys + j], w);
-            }
-            /* softmax backward, then into both parts of each score */
-            for (int64_t hh = 0; hh < h; hh++) {
-                const float *pa = pat + hh * nkeys, *gp = g_pat + hh * nkeys;
-                float *gs2 = g_s2 + hh * R * C, dot = 0.0f;
-                for (int64_t j = 0; j < nkeys; j++)
-                    dot += pa[j] * gp[j];
+                for (int64_t c = 0; c < w; c++)
+                    g[c] *= scale;
+                g[t] -= wt;
+#pragma omp simd
+                for (int64_t c = 0; c < w; c++)
+                    gs[c] += g[c];
+                /* back through the mixing: each value row's gradient and the pattern's */
                 for (int64_t j = 0; j < nkeys; j++) {
-                    const float gsc = pa[j] * (gp[j] - dot);
-                    float *row = gs2 + krow[j] * C;
-                    row[tq] += gsc;
-                    row[V + p] += gsc;
+                    const float *row = pr->ov + kr[j] * h * w;
+                    float *g_row = g_ov + kr[j] * h * w;
+                    for (int64_t hh = 0; hh < h; hh++)
+                        g_pat[hh * nkeys + j] = dot_axpy(row + hh * w, g, g_row + hh * w, pat[hh * nkeys + j], w);
+                }
+                /* softmax backward, then into both parts of each score */
+                for (int64_t hh = 0; hh < h; hh++) {
+                    const float *pa = pat + hh * nkeys, *gp = g_pat + hh * nkeys;
+                    float *gs2 = g_s2 + hh * R * C, dot = 0.0f;
+                    for (int64_t j = 0; j < nkeys; j++)
+                        dot += pa[j] * gp[j];
+                    for (int64_t j = 0; j < nkeys; j++) {
+                        const float gsc = pa[j] * (gp[j] - dot);
+                        float *row = gs2 + kr[j] * C;
+                        row[tq] += gsc;
+                        row[V + p] += gsc;
+                    }
                 }
             }
         }
@@ -276,24 +337,26 @@ static int loss_and_grads(const Problem *pr, float *g_s2, float *g_ov, float *g_
 
 /* NLL of each target (class 0 where IGNORE) and the first argmax of the logits, [B, P] each. */
 MULTIVERSION
-static int nll_and_prediction(const Problem *pr, float *nll, int64_t *pred, float *work, int64_t *krow)
+static int nll_and_prediction(const Problem *pr, float *nll, int64_t *pred, Work *wk)
 {
-    const int64_t h = pr->h, w = pr->w, V = pr->V, P = pr->P, nk = pr->nk;
-    float *pat = work, *logits = pat + h * nk, *ex = logits + w;
-    for (int64_t b = 0; b < pr->B; b++) {
-        if (!key_rows(pr, b, krow))
+    const int64_t w = pr->w, P = pr->P;
+    for (int64_t b0 = 0; b0 < pr->B; b0 += BLOCK) {
+        const int64_t nb = pr->B - b0 < BLOCK ? pr->B - b0 : BLOCK;
+        if (!block_rows(pr, b0, nb, wk->krow))
             return BAD_TOKEN;
         for (int64_t p = 0; p < P; p++) {
-            int64_t t = pr->targets[b * pr->tgt_s0 + p * pr->tgt_s1];
-            t = t == IGNORE_INDEX ? 0 : t;
-            if (t < 0 || t >= w)
-                return BAD_TARGET;
-            const int64_t qp = pr->pos[p], tq = krow[qp] - qp * V;
-            attend(pr, krow, qp + 1, tq, p, pat, logits);
-            float top, s = softmax_terms(logits, w, ex, &top);
-            const int64_t arg = first_index_of(logits, w, top);
-            nll[b * P + p] = logf(s) + top - logits[t];
-            pred[b * P + p] = arg;
+            block_forward(pr, wk->krow, nb, p, wk);
+            for (int64_t i = 0; i < nb; i++) {
+                int64_t t = target_at(pr, b0 + i, p);
+                t = t == IGNORE_INDEX ? 0 : t;
+                if (t < 0 || t >= w)
+                    return BAD_TARGET;
+                nll[(b0 + i) * P + p] = -(wk->ex[i * w + t] - wk->top[i]);
+                pred[(b0 + i) * P + p] = first_index_of(wk->ex + i * w, w, wk->top[i]);
+            }
+            block_exp(nb, w, wk);
+            for (int64_t i = 0; i < nb; i++)
+                nll[(b0 + i) * P + p] += logf(wk->sum[i]);
         }
     }
     return OK;
@@ -333,60 +396,57 @@ static PyObject *raise_for(int code, const Problem *pr)
     return NULL;
 }
 
-static void *work_for(const Problem *pr, int64_t **krow)
+/* A Work for pr in one allocation (freed by free(wk->krow)); 0 and MemoryError if none. */
+static int work_for(const Problem *pr, Work *wk)
 {
-    float *work = malloc(sizeof(float) * (size_t)(2 * pr->h * pr->nk + 2 * pr->w + 16));
-    *krow = malloc(sizeof(int64_t) * (size_t)(pr->nk + 1));
-    if (work == NULL || *krow == NULL) {
-        free(work);
-        free(*krow);
+    const size_t n_pat = (size_t)(BLOCK * pr->h * pr->nk), n_ex = (size_t)(BLOCK * pr->w);
+    char *mem = malloc(sizeof(int64_t) * (size_t)(BLOCK * pr->nk) + sizeof(float) * (2 * n_pat + n_ex + 2 * BLOCK));
+    if (mem == NULL) {
         PyErr_NoMemory();
-        return NULL;
+        return 0;
     }
-    return work;
+    wk->krow = (int64_t *)mem;
+    wk->pat = (float *)(wk->krow + BLOCK * pr->nk);
+    wk->g_pat = wk->pat + n_pat;
+    wk->ex = wk->g_pat + n_pat;
+    wk->top = wk->ex + n_ex;
+    wk->sum = wk->top + BLOCK;
+    return 1;
 }
 
 static PyObject *py_loss_and_grads(PyObject *self, PyObject *args)
 {
     Problem pr;
+    Work wk;
     unsigned long long out[4];
-    if (!parse_problem(args, &pr, out))
+    if (!parse_problem(args, &pr, out) || !work_for(&pr, &wk))
         return NULL;
     float *g_s2 = (float *)(uintptr_t)out[0], *g_ov = (float *)(uintptr_t)out[1];
     float *g_skip = (float *)(uintptr_t)out[2];
-    int64_t *krow;
-    float *work = work_for(&pr, &krow);
-    if (work == NULL)
-        return NULL;
     double loss = 0.0;
     int code;
     Py_BEGIN_ALLOW_THREADS
     memset(g_s2, 0, sizeof(float) * (size_t)(pr.h * pr.nk * pr.V * (pr.V + pr.P)));
     memset(g_ov, 0, sizeof(float) * (size_t)(pr.nk * pr.V * pr.h * pr.w));
     memset(g_skip, 0, sizeof(float) * (size_t)(pr.P * pr.V * pr.w));
-    code = loss_and_grads(&pr, g_s2, g_ov, g_skip, work, krow, &loss);
+    code = loss_and_grads(&pr, g_s2, g_ov, g_skip, &wk, &loss);
     Py_END_ALLOW_THREADS
-    free(work);
-    free(krow);
+    free(wk.krow);
     return code == OK ? PyFloat_FromDouble(loss) : raise_for(code, &pr);
 }
 
 static PyObject *py_nll_and_prediction(PyObject *self, PyObject *args)
 {
     Problem pr;
+    Work wk;
     unsigned long long out[4];
-    if (!parse_problem(args, &pr, out))
-        return NULL;
-    int64_t *krow;
-    float *work = work_for(&pr, &krow);
-    if (work == NULL)
+    if (!parse_problem(args, &pr, out) || !work_for(&pr, &wk))
         return NULL;
     int code;
     Py_BEGIN_ALLOW_THREADS
-    code = nll_and_prediction(&pr, (float *)(uintptr_t)out[0], (int64_t *)(uintptr_t)out[1], work, krow);
+    code = nll_and_prediction(&pr, (float *)(uintptr_t)out[0], (int64_t *)(uintptr_t)out[1], &wk);
     Py_END_ALLOW_THREADS
-    free(work);
-    free(krow);
+    free(wk.krow);
     if (code != OK)
         return raise_for(code, &pr);
     Py_RETURN_NONE;
