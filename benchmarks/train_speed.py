@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py                  # qkov and TransformerLens, 9 repeats each (~40 s)
     python benchmarks/train_speed.py --repeats 5 --threads 2
     python benchmarks/train_speed.py --skip-tl        # qkov only (no TransformerLens installed)
+    python benchmarks/train_speed.py --torch-kernels  # qkov without its C kernels (fastpath/native.py)
 
 TransformerLens is never a qkov dependency. Install it into a separate environment and run the
 benchmark from there:
@@ -45,7 +46,7 @@ import warnings
 import torch
 
 import qkov
-from qkov.fastpath import scored_loss_fn
+from qkov.fastpath import native, scored_loss_fn
 from qkov.train import lr_at, make_optimizer
 
 TARGET_SECONDS, TARGET_RATIO = 10.0, 0.3
@@ -156,8 +157,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--step-timing", type=int, default=100, help="steps for the per-step timing (default 100)")
     ap.add_argument("--skip-tl", action="store_true", help="time qkov only")
+    ap.add_argument("--torch-kernels", action="store_true", help="qkov without its C kernels (as where none were built)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    native.use_native(not args.torch_kernels)
     if not args.skip_tl:
         try:
             import transformer_lens  # noqa: F401
@@ -173,7 +176,8 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     print(f"max: batch {train_cfg.batch_size}, lr {train_cfg.lr:g} ({train_cfg.lr_schedule}), up to {train_cfg.steps} steps, "
           f"target {args.target:.1%} at every length, checked every {train_cfg.eval_every} steps; "
-          f"{args.threads} thread(s), torch {torch.__version__}", flush=True)
+          f"{args.threads} thread(s), torch {torch.__version__}; qkov's C kernels {'on' if native.available() else 'off'}",
+          flush=True)
 
     per_step = step_times(task, train_cfg, args.seed, args.step_timing, args.skip_tl)
     for name, t in per_step.items():
@@ -189,7 +193,7 @@ def main() -> None:
         ), flush=True)
     load1 = os.getloadavg()[0]
 
-    result = {"threads": args.threads, "target": args.target, "eval_every": train_cfg.eval_every,
+    result = {"threads": args.threads, "native": native.available(), "target": args.target, "eval_every": train_cfg.eval_every,
               "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "per_step": per_step,
               "loadavg_before": round(load0, 2), "loadavg_after": round(load1, 2)}
     for name, rows in runs.items():

@@ -34,6 +34,8 @@ class AdamW:
             {"params": params, "lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "eps": eps}
         ]
         self.state: dict[Tensor, dict[str, Tensor]] = defaultdict(dict)  # as torch.optim's
+        self._counts: list[Tensor] = []       # the step counts handed to the kernel (views of one tensor)
+        self._counts_base: Tensor | None = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.param_groups[0]["params"]:
@@ -51,6 +53,19 @@ class AdamW:
                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
         return s
 
+    def _step_counts(self, states: list[dict[str, Tensor]]) -> list[Tensor]:
+        """The parameters' float32 step counts as views of one tensor, so that one ``add_``
+        advances them all (``torch._foreach_add_`` on a dozen scalar tensors took ~40 µs, 2% of
+        a ``max`` step). Rebuilt, values kept, when the set of counts changes (first step,
+        loaded state, a parameter without a gradient)."""
+        steps = [s["step"] for s in states]
+        if len(steps) != len(self._counts) or any(a is not b for a, b in zip(steps, self._counts)):
+            self._counts_base = torch.stack(steps)
+            self._counts = list(self._counts_base.unbind())
+            for s, count in zip(states, self._counts):
+                s["step"] = count
+        return self._counts
+
     @torch.no_grad()
     def step(self) -> None:
         g = self.param_groups[0]
@@ -59,11 +74,11 @@ class AdamW:
             return
         states = [self._state(p) for p in params]
         grads = [p.grad for p in params]
-        steps = [s["step"] for s in states]
+        steps = self._step_counts(states)
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
         (b1, b2), lr, wd, eps = g["betas"], g["lr"], g["weight_decay"], g["eps"]
-        torch._foreach_add_(steps, 1)
+        self._counts_base.add_(1)                                   # every count in steps
         if _FUSED:
             torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
                                 eps=eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)

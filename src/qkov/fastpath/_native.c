@@ -79,12 +79,42 @@ INLINE float exp_nonpos(float x)
    GCC's `omp simd` reductions ended in 16 dependent scalar adds through the stack. */
 #define LANES 16
 
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+/* The lanes' sum as a fixed tree (lane l + half into lane l, halving), the halves added as
+   vectors: written as a loop over the lanes it stayed scalar, through the stack. */
 INLINE float tree_sum(float *acc)
 {
-    for (int s = LANES / 2; s > 0; s /= 2)
-        for (int l = 0; l < s; l++)
-            acc[l] += acc[l + s];
-    return acc[0];
+    v8f lo, hi;
+    v4f a, b;
+    memcpy(&lo, acc, sizeof lo);
+    memcpy(&hi, acc + 8, sizeof hi);
+    lo += hi;
+    memcpy(&a, &lo, sizeof a);
+    memcpy(&b, (float *)&lo + 4, sizeof b);
+    a += b;
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+/* The max of the 16 lanes, halves compared as vectors. */
+INLINE float tree_max(float *acc)
+{
+    v8f lo, hi;
+    v4f a, b;
+    memcpy(&lo, acc, sizeof lo);
+    memcpy(&hi, acc + 8, sizeof hi);
+    v8i up = hi > lo, r8 = ((v8i)hi & up) | ((v8i)lo & ~up);
+    memcpy(&a, &r8, sizeof a);
+    memcpy(&b, (int32_t *)&r8 + 4, sizeof b);
+    v4i up4 = b > a, r4 = ((v4i)b & up4) | ((v4i)a & ~up4);
+    float x[4];
+    memcpy(x, &r4, sizeof x);
+    const float m0 = x[2] > x[0] ? x[2] : x[0], m1 = x[3] > x[1] ? x[3] : x[1];
+    return m1 > m0 ? m1 : m0;
 }
 
 INLINE float row_sum(const float *x, int64_t n)
@@ -110,10 +140,7 @@ INLINE float row_max(const float *x, int64_t n)
             acc[l] = x[c + l] > acc[l] ? x[c + l] : acc[l];
     for (; c < n; c++)
         acc[0] = x[c] > acc[0] ? x[c] : acc[0];
-    for (int s = LANES / 2; s > 0; s /= 2)
-        for (int l = 0; l < s; l++)
-            acc[l] = acc[l + s] > acc[l] ? acc[l + s] : acc[l];
-    return acc[0];
+    return tree_max(acc);
 }
 
 /* The first c with x[c] == v (n if none), as torch's argmax breaks ties: an integer minimum
