@@ -2,8 +2,10 @@
 positions straight from the parameters, forward and backward written out by hand.
 
 The tables of :class:`~qkov.fastpath.tables._PushedForward` (queries and keys, values pushed
-through ``W_O W_U``, the skip path ``x W_U``) are built here and differentiated by hand around
-:func:`_softmax_mix_forward` / :func:`_softmax_mix_backward`. For ``max``, recording and replaying
+through ``W_O W_U``, the skip path ``x W_U``) are built here (:func:`_tables`) and differentiated
+by hand (:func:`_tables_backward`). Between the two, the per-example part (attention, mixing,
+cross-entropy and their backward) runs in the C kernel of ``native.py`` where it was built, else
+through torch around :func:`_softmax_mix_forward` / :func:`_softmax_mix_backward`. For ``max``, recording and replaying
 autograd's ~60 small nodes cost as much as the arithmetic. :func:`_loss_forward` also folds the
 cross-entropy in: its gradient ``softmax - onehot`` reuses the forward's exponentials, where
 ``F.cross_entropy``'s log-softmax and its backward computed them twice (0.6 ms of a 4.9 ms

@@ -210,9 +210,9 @@ class _PushedForward(_TableForward):
     @torch.no_grad()
     def nll_and_prediction(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """What ``Task._measure`` reads from the logits at the scored positions (NLL of
-        ``targets`` and the argmax, ``[b, p]`` each). The attention-only kernel keeps its logits
-        and work tensors in reused buffers here: fresh ones of eval size came back page-faulted,
-        a third of an eval's time."""
+        ``targets`` and the argmax, ``[b, p]`` each). Attention-only models take the C kernel
+        (``native.py``), or the torch kernels with logits and work tensors in reused buffers
+        (fresh ones of eval size came back page-faulted, a third of an eval's time)."""
         tokens = self.model._check_tokens(tokens)
         if not self._attn_only(tokens):
             return _nll_and_prediction(self._logits(tokens).float(), targets)
