@@ -249,9 +249,9 @@ class _Trainer:
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.opt.param_groups[0]["params"]:
             for k, v in self.opt.state.get(p, {}).items():
-                # .clone(): the step counts are views of one tensor (optim.py), which
-                # safetensors would refuse as shared memory
-                tensors[f"optim.{names[id(p)]}.{k}"] = torch.as_tensor(v).clone()
+                # The step counts are views of one tensor (optim.py), which safetensors
+                # would refuse as shared memory: each is saved as its own copy.
+                tensors[f"optim.{names[id(p)]}.{k}"] = v.clone() if k == "step" else torch.as_tensor(v)
         tensors["rng"] = self.gen.get_state()
         store.save_tensors(self.out / store.TRAIN_STATE, tensors, {"step": str(self.step)})
 

@@ -17,9 +17,9 @@
      logits       = skip[p*V + tq] + sum_(hh, j) pattern[hh, j] * ov[key_j, hh]
 
    then the mean cross-entropy over the targets that are not IGNORE (-100) and its gradient
-   back to the three tables (qkov_loss_and_grads), or the NLL and first argmax per query
-   (qkov_nll_and_prediction). One pass per example keeps its rows in L1 instead of streaming
-   batch-sized intermediates through memory, and there is no per-call dispatch.
+   back to the three tables (loss_and_grads), or the NLL and first argmax per query
+   (nll_and_prediction). Examples are taken in blocks of 32 (BLOCK), whose rows stay in L1
+   instead of batch-sized intermediates streaming through memory, with no per-call dispatch.
 
    Every pointer is a raw address handed over by the Python wrapper (fastpath/native.py), which
    checks dtypes, shapes and contiguity; this file checks the indices it reads with. */

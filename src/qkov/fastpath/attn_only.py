@@ -18,6 +18,8 @@ Parameters are passed in the order ``W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V, W
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -27,7 +29,35 @@ from . import native
 from .kernels import FRESH, _Fresh, _Lease, _softmax_mix_backward, _softmax_mix_forward
 
 
-def _tables(fwd, params: tuple[Tensor, ...], lease: _Lease | _Fresh) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
+class _Factors(NamedTuple):
+    """What :func:`_tables` keeps for :func:`_tables_backward`: the factors the tables were
+    built from, and the sizes."""
+    W_qkv: Tensor
+    qf: Tensor
+    k: Tensor
+    v_f: Tensor
+    W_OU: Tensor
+    f_u: Tensor
+    scale: float
+    V: int
+    d: int
+    h: int
+    e: int
+    w: int
+    P: int
+    nk: int
+    fwd: Any
+
+
+class _NativeLoss(NamedTuple):
+    """The C kernels' loss state: the tables' gradients, and the lease that holds their buffers
+    until the backward has run."""
+    lease: _Lease | _Fresh
+    factors: _Factors
+    grads: tuple[Tensor, Tensor, Tensor]
+
+
+def _tables(fwd, params: tuple[Tensor, ...], lease: _Lease | _Fresh) -> tuple[tuple[Tensor, Tensor, Tensor], _Factors]:
     """The three tables the per-example kernels read (layouts as in ``_native.c``): scores
     ``s2 [h, k*V, V+p]``, values through ``W_O W_U`` ``ov [k*V, h*v_out]`` and the skip path
     ``skip [p*V, v_out]`` (biases folded in), and what :func:`_tables_backward` needs.
@@ -60,16 +90,16 @@ def _tables(fwd, params: tuple[Tensor, ...], lease: _Lease | _Fresh) -> tuple[tu
     f_u = torch.cat([W_E, W_pos[fwd.pos_cols]])                                 # [V+p, d]
     u_f = torch.mm(f_u, W_U)                                                    # [V+p, v_out] skip factors
     skip = (u_f[None, :V] + (u_f[V:] + (b_O @ W_U + b_U))[:, None]).view(P * V, w)
-    return (s2, ov, skip), (W_qkv, qf, k, v_f, W_OU, f_u, scale, (V, d, h, e, w, P, nk), fwd)
+    return (s2, ov, skip), _Factors(W_qkv, qf, k, v_f, W_OU, f_u, scale, V, d, h, e, w, P, nk, fwd)
 
 
 def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _Fresh,
              outs_from: _Lease | _Fresh) -> tuple[Tensor, tuple]:
     """Logits ``[b, p, v_out]`` (allocated by ``outs_from``) and what :func:`_backward` needs:
     the tables, then torch's kernels over the batch."""
-    (s2, ov, skip), tables = _tables(fwd, params, lease)
-    V, h, P = tables[-2][0], tables[-2][2], tables[-2][5]
-    B, nk = len(tokens), fwd.n_keys
+    (s2, ov, skip), factors = _tables(fwd, params, lease)
+    V, h, P, nk = factors.V, factors.h, factors.P, factors.nk
+    B = len(tokens)
     q_tok = tokens[:, fwd.pos_cols]                                             # [b, p]
     k_rows = fwd._key_rows(tokens, V)                                           # [b, k]
     q_rows = fwd._query_rows(tokens, V)                                         # [b, p]
@@ -80,27 +110,27 @@ def _forward(fwd, tokens: Tensor, params: tuple[Tensor, ...], lease: _Lease | _F
     scores = s2.view(-1, V + P)[:, V:].index_select(0, row).view(B, nk, h, P)
     scores += s2.view(-1).index_select(0, idx_tok.view(-1)).view(B, nk, h, P)
     (out,), mix = _softmax_mix_forward(scores, fwd._masked, k_rows, q_rows, (ov, skip), lease, outs_from)
-    return out, (mix, lease, idx_tok, row, tables)
+    return out, (mix, lease, idx_tok, row, factors)
 
 
 def _backward(state: tuple, params: tuple[Tensor, ...], g_out: Tensor) -> tuple[Tensor, ...]:
     """Gradients of the 12 parameters from the logits' gradient ``g_out [b, p, v_out]``: back
     through the per-example kernels to the tables, then :func:`_tables_backward`."""
-    mix, lease, idx_tok, row, tables = state
-    V, h, P, nk = tables[-2][0], tables[-2][2], tables[-2][5], tables[-2][6]
+    mix, lease, idx_tok, row, factors = state
+    V, h, P, nk = factors.V, factors.h, factors.P, factors.nk
     g_s, (g_ov, g_skip) = _softmax_mix_backward(mix, (g_out,))                 # [b, k, h, p]
     g_s2 = lease.empty("g_s2", (h * nk * V, V + P), g_s).zero_()
     g_s2.view(-1).index_add_(0, idx_tok.view(-1), g_s.view(-1))
     g_s2[:, V:].index_add_(0, row, g_s.view(-1, P))
-    return _tables_backward(tables, params, g_s2, g_ov, g_skip)
+    return _tables_backward(factors, params, g_s2, g_ov, g_skip)
 
 
-def _tables_backward(tables: tuple, params: tuple[Tensor, ...], g_s2: Tensor, g_ov: Tensor,
+def _tables_backward(factors: _Factors, params: tuple[Tensor, ...], g_s2: Tensor, g_ov: Tensor,
                      g_skip: Tensor) -> tuple[Tensor, ...]:
     """Gradients of the 12 parameters from the tables' (``g_s2`` read as ``[h, k*V, V+p]``,
     ``g_ov [k*V, h*v_out]``, ``g_skip [p*V, v_out]``): from the tables to their factors (a sum
     over the other index of the broadcast), and from the factors to the weights."""
-    W_qkv, qf, k, v_f, W_OU, f_u, scale, (V, d, h, e, w, P, nk), fwd = tables
+    W_qkv, qf, k, v_f, W_OU, f_u, scale, V, d, h, e, w, P, nk, fwd = factors
     W_E, W_pos, W_O, b_O, W_U = params[0], params[1], params[8], params[9], params[10]
     he = h * e
     g_s2 = g_s2.view(h, nk * V, V + P)
@@ -155,11 +185,10 @@ def _loss_forward(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ..
     gradients in the same pass; the torch kernels keep logits and softmax in reused buffers."""
     lease = fwd.scratch.lease()
     if native.applies(params[0].dtype, tokens, fwd.n_keys):
-        tabs, tables = _tables(fwd, params, lease)
+        tabs, factors = _tables(fwd, params, lease)
         grads = tuple(lease.empty(f"native_{i}", t.shape, t) for i, t in enumerate(tabs))
         loss = native.loss_and_grads(*tabs, tokens, targets, fwd.pos_idx, *grads)
-        # The state holds the lease: its buffers are this forward's until the backward has run.
-        return torch.tensor(loss, dtype=tabs[0].dtype), ("native", lease, tables, grads)
+        return torch.tensor(loss, dtype=tabs[0].dtype), _NativeLoss(lease, factors, grads)
     logits, state = _forward(fwd, tokens, params, lease, lease)
     flat = logits.view(-1, logits.shape[-1])                                    # [b*p, v]
     t = targets.reshape(-1, 1)
@@ -179,11 +208,11 @@ def _loss_forward(fwd, tokens: Tensor, targets: Tensor, params: tuple[Tensor, ..
 
 def _loss_backward(state: tuple, params: tuple[Tensor, ...], g_loss: Tensor | None) -> tuple[Tensor, ...]:
     """The 12 parameters' gradients of ``g_loss`` (None: 1) times the loss."""
-    if state[0] == "native":                                                    # d loss / d tables given
-        _, _, tables, grads = state
+    if isinstance(state, _NativeLoss):                                          # d loss / d tables given
+        grads = state.grads
         if g_loss is not None:
             grads = tuple(g.mul_(g_loss) for g in grads)
-        return _tables_backward(tables, params, *grads)
+        return _tables_backward(state.factors, params, *grads)
     state, (probs, total, t, weight, shape) = state
     w = weight if g_loss is None else weight * g_loss                           # [b*p, 1]
     g = probs.mul_(w / total).scatter_add_(1, t, -w)                            # (softmax - onehot) · w
