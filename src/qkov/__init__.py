@@ -1,6 +1,6 @@
 """qkov: train small transformers on algorithmic tasks and read their QK and OV circuits."""
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # written once, in _version.py
 
 from . import circuits
 from .analyze import Summary, analyze
