@@ -59,7 +59,8 @@ def step_times(task, model_cfg, train_cfg, steps: int) -> dict[str, dict[str, fl
             if i:  # the first step warms up allocators and kernels
                 times[name]["wall"].append(time.perf_counter() - w)
                 times[name]["cpu"].append(time.process_time() - c)
-    return {name: {"wall_s": statistics.median(t["wall"]), "cpu_s": statistics.median(t["cpu"])} for name, t in times.items()}
+    return {name: {"wall_s": statistics.median(t["wall"]), "cpu_s": statistics.median(t["cpu"])}
+            for name, t in times.items()}
 
 
 def main() -> None:
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="step limit (default: the reference 25000)")
     ap.add_argument("--eval-every", type=int, default=100, help="eval interval in steps (default 100)")
     ap.add_argument("--timing-steps", type=int, default=10, help="steps per per-step timing (default 10)")
-    ap.add_argument("--full", action="store_true", help="train every step (clean-up included) instead of stopping at 99%%")
+    ap.add_argument("--full", action="store_true",
+                    help="train every step (clean-up included) instead of stopping at 99%%")
     ap.add_argument("--out", default=None, help="keep the run directory here (default: a temp dir)")
     args = ap.parse_args()
     if args.threads:

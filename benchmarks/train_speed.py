@@ -74,7 +74,8 @@ def tl_model(task, seed: int):
 
 
 def tl_optimizer(model, train_cfg):
-    return torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas,
+                             weight_decay=train_cfg.weight_decay)
 
 
 def tl_step(model, opt, task, batch, lr: float) -> float:
@@ -141,7 +142,8 @@ def step_times(task, train_cfg, seed: int, steps: int, skip_tl: bool) -> dict:
             if i >= 3:  # the first steps warm up allocators and kernels
                 times[name]["wall"].append(time.perf_counter() - w)
                 times[name]["cpu"].append(time.process_time() - c)
-    return {k: {"wall_ms": 1e3 * statistics.median(t["wall"]), "cpu_ms": 1e3 * statistics.median(t["cpu"])} for k, t in times.items()}
+    return {k: {"wall_ms": 1e3 * statistics.median(t["wall"]), "cpu_ms": 1e3 * statistics.median(t["cpu"])}
+            for k, t in times.items()}
 
 
 def median_of(rows: list[dict], key: str) -> float:
@@ -150,14 +152,17 @@ def median_of(rows: list[dict], key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=9, help="timed runs per side (default 9: this machine's timing varies by 30%% between runs)")
+    ap.add_argument("--repeats", type=int, default=9,
+                    help="timed runs per side (default 9: this machine's timing varies by 30%% between runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", type=float, default=0.999, help="accuracy at every length (default 0.999)")
-    ap.add_argument("--eval-every", type=int, default=None, help="steps between target checks (default: the task's eval_every)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="steps between target checks (default: the task's eval_every)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--step-timing", type=int, default=100, help="steps for the per-step timing (default 100)")
     ap.add_argument("--skip-tl", action="store_true", help="time qkov only")
-    ap.add_argument("--torch-kernels", action="store_true", help="qkov without its C kernels (as where none were built)")
+    ap.add_argument("--torch-kernels", action="store_true",
+                    help="qkov without its C kernels (as where none were built)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     native.use_native(not args.torch_kernels)
@@ -165,7 +170,8 @@ def main() -> None:
         try:
             import transformer_lens  # noqa: F401
         except ImportError:
-            raise SystemExit("TransformerLens is not installed here; see the instructions at the top of this file, or pass --skip-tl")
+            raise SystemExit("TransformerLens is not installed here; see the instructions at the top of this file, "
+                             "or pass --skip-tl") from None
 
     task = qkov.get_task("max")
     base = task.train_config()
@@ -174,9 +180,10 @@ def main() -> None:
     )
     task.eval_batch()  # sampled once and shared by both sides; not part of either timing
     load0 = os.getloadavg()[0]
-    print(f"max: batch {train_cfg.batch_size}, lr {train_cfg.lr:g} ({train_cfg.lr_schedule}), up to {train_cfg.steps} steps, "
-          f"target {args.target:.1%} at every length, checked every {train_cfg.eval_every} steps; "
-          f"{args.threads} thread(s), torch {torch.__version__}; qkov's C kernels {'on' if native.available() else 'off'}",
+    print(f"max: batch {train_cfg.batch_size}, lr {train_cfg.lr:g} ({train_cfg.lr_schedule}), "
+          f"up to {train_cfg.steps} steps, target {args.target:.1%} at every length, "
+          f"checked every {train_cfg.eval_every} steps; {args.threads} thread(s), torch {torch.__version__}; "
+          f"qkov's C kernels {'on' if native.available() else 'off'}",
           flush=True)
 
     per_step = step_times(task, train_cfg, args.seed, args.step_timing, args.skip_tl)
@@ -189,17 +196,19 @@ def main() -> None:
         if not args.skip_tl:
             runs["TransformerLens"].append(time_tl(task, train_cfg, args.seed))
         print(f"  repeat {i + 1}: " + "; ".join(
-            f"{k} {v[-1]['wall_s']:.2f} s wall / {v[-1]['cpu_s']:.2f} s CPU (step {v[-1]['step']})" for k, v in runs.items()
+            f"{k} {v[-1]['wall_s']:.2f} s wall / {v[-1]['cpu_s']:.2f} s CPU (step {v[-1]['step']})"
+            for k, v in runs.items()
         ), flush=True)
     load1 = os.getloadavg()[0]
 
-    result = {"threads": args.threads, "native": native.available(), "target": args.target, "eval_every": train_cfg.eval_every,
-              "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "per_step": per_step,
-              "loadavg_before": round(load0, 2), "loadavg_after": round(load1, 2)}
+    result = {"threads": args.threads, "native": native.available(), "target": args.target,
+              "eval_every": train_cfg.eval_every, "batch_size": train_cfg.batch_size, "lr": train_cfg.lr,
+              "per_step": per_step, "loadavg_before": round(load0, 2), "loadavg_after": round(load1, 2)}
     for name, rows in runs.items():
         result[name] = {"wall_s": median_of(rows, "wall_s"), "cpu_s": median_of(rows, "cpu_s"),
                         "steps": [r["step"] for r in rows]}
-        print(f"{name:16s} reached the target in {result[name]['wall_s']:.2f} s wall / {result[name]['cpu_s']:.2f} s CPU "
+        print(f"{name:16s} reached the target in {result[name]['wall_s']:.2f} s wall / "
+              f"{result[name]['cpu_s']:.2f} s CPU "
               f"(median of {len(rows)}; steps {result[name]['steps']})")
     if "TransformerLens" in runs:
         q, t = result["qkov"], result["TransformerLens"]

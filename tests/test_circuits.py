@@ -230,11 +230,13 @@ def test_weights_of_a_layernorm_model_reproduce_its_logits_through_the_scale():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: C.full_ov(m, 2, 0), r"layer=2 is out of range: this model has n_layers=2, so layer must be in 0\.\.1"),
+        (lambda m: C.full_ov(m, 2, 0),
+         r"layer=2 is out of range: this model has n_layers=2, so layer must be in 0\.\.1"),
         (lambda m: C.qk(m, 0, 3), r"head=3 is out of range: this model has n_heads=3, so head must be in 0\.\.2"),
         (lambda m: C.full_ov(m, 0, -1), r"head=-1 is out of range"),
         (lambda m: C.full_ov(m, 0.5, 0), r"layer=0.5 must be an integer in 0\.\.1"),
-        (lambda m: C.full_ov(m, 0, 0, pos=5), r"pos=5 is out of range: this model has n_ctx=5, so pos must be in 0\.\.4"),
+        (lambda m: C.full_ov(m, 0, 0, pos=5),
+         r"pos=5 is out of range: this model has n_ctx=5, so pos must be in 0\.\.4"),
         (lambda m: C.full_qk(m, 0, 0, q_pos=1, k_pos=2), r"k_pos=2 comes after q_pos=1"),
         (lambda m: C.full_qk(m, 0, 0, q_pos=9), r"q_pos=9 is out of range"),
         (lambda m: C.virtual_ov(m, (1, 0), (1, 1)), r"earlier layer"),

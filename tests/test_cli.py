@@ -27,7 +27,8 @@ def run_cli(capsys, *argv):
         (["train", "max", "--set", "act_fn=tanh"], "act_fn='tanh' is not supported; expected one of relu, gelu"),
         (["train", "max", "--set", "d_model=30", "--set", "n_heads=4"],
          "d_model=30 is not divisible by n_heads=4; pass d_head explicitly"),
-        (["train", "max", "--set", "n_ctx=4"], "n_ctx=4 is shorter than the task's longest sequence (6); pass --set n_ctx=6"),
+        (["train", "max", "--set", "n_ctx=4"],
+         "n_ctx=4 is shorter than the task's longest sequence (6); pass --set n_ctx=6"),
         (["train", "max", "--set", "d_vocab=10"], "d_vocab=10 is too small for task 'max'"),
         (["train", "modadd", "--set", "d_vocab_out=50"], "d_vocab_out=50 is too small for task 'modadd'"),
         (["train", "max", "--set", "min_len=5", "--set", "max_len=3"], "need 1 <= min_len <= max_len"),
@@ -49,7 +50,8 @@ def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, monkeypatch
 
 def test_train_eval_analyze_round_trip(capsys, tmp_path):
     out = tmp_path / "run"
-    code, text, _ = run_cli(capsys, "train", "max", "--out", str(out), "--steps", "40", "--set", "eval_every=20", "--quiet")
+    code, text, _ = run_cli(capsys, "train", "max", "--out", str(out), "--steps", "40", "--set", "eval_every=20",
+                            "--quiet")
     assert code == 0 and "length 6: accuracy" in text and f"saved to {out}" in text
     code, text, _ = run_cli(capsys, "eval", str(out))
     assert code == 0 and text.startswith("max: accuracy")

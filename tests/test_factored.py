@@ -146,7 +146,7 @@ def test_errors_say_what_was_given():
         FactoredMatrix([[1.0]], torch.zeros(1, 1))
     fm = FactoredMatrix(torch.zeros(3, 2), torch.zeros(2, 5))
     with pytest.raises(QkovError, match=r"square matrix.*3 × 5"):
-        fm.eigenvalues
+        _ = fm.eigenvalues
     with pytest.raises(QkovError, match="inner dimensions 5 and 4 differ"):
         fm @ torch.zeros(4, 2)
     with pytest.raises(QkovError, match=r"k=6 must be in 1..5"):

@@ -76,7 +76,7 @@ def test_fast_path_equals_plain_forward(cfg, positions, seed, dtype, batch):
     torch.testing.assert_close(fast_logits, plain_logits, **tol)
     assert fast_grads.keys() == plain_grads.keys()
     for name in plain_grads:
-        torch.testing.assert_close(fast_grads[name], plain_grads[name], **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_reference_modadd_logits_and_grads_match():
@@ -111,7 +111,8 @@ def test_fast_path_reads_live_parameters():
 def test_not_applicable_returns_none():
     two_layers = Transformer(ModelConfig(n_layers=2, d_vocab=8, n_ctx=4))
     assert scored_logits_fn(two_layers, [3]) is None
-    assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), get_task("induction", n_ctx=8, max_seg=4)) is None
+    induction = get_task("induction", n_ctx=8, max_seg=4)
+    assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), induction) is None
     assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), [4]) is None
     assert scored_logits_fn(torch.nn.Linear(2, 2), [0]) is None
 
@@ -125,7 +126,7 @@ def test_gradients_train_the_same_model():
     for fast in (False, True):
         model = Transformer(cfg, seed=0).double()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1.0)
-        fn = scored_logits_fn(model, task) if fast else (lambda t: model(t, positions=[2]))
+        fn = scored_logits_fn(model, task) if fast else (lambda t, model=model: model(t, positions=[2]))
         for _ in range(10):
             loss = torch.nn.functional.cross_entropy(fn(batch.tokens)[:, 0], batch.targets[:, 2])
             opt.zero_grad()
@@ -169,8 +170,10 @@ def test_fused_attention_only_loss_equals_cross_entropy_of_the_plain_forward(see
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert fused_grads.keys() == plain_grads.keys() == direct_grads.keys()
     for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-        torch.testing.assert_close(direct_grads[name], fused_grads[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(direct_grads[name], fused_grads[name], rtol=0, atol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_loss_fn_falls_back_to_the_task_loss_where_nothing_is_fused():

@@ -64,7 +64,7 @@ def test_forward_matches_reference(cfg, seed):
     model = Transformer(cfg, seed=seed).double()  # float64: differences are bugs, not rounding
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # random biases and LN weights, so every term is exercised
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
     tokens = torch.randint(0, cfg.d_vocab, (3, cfg.n_ctx), generator=g)
     sd = model.state_dict()
@@ -141,7 +141,7 @@ def test_stacked_properties_have_transformer_lens_shapes():
     assert m.W_E.shape == (10, 16) and m.W_pos.shape == (4, 16) and m.W_U.shape == (16, 10)
     torch.testing.assert_close(m.W_K[1], m.blocks[1].attn.W_K.detach())
     with pytest.raises(QkovError, match="attention-only"):
-        Transformer(ModelConfig(d_mlp=None)).W_in
+        _ = Transformer(ModelConfig(d_mlp=None)).W_in
 
 
 @pytest.mark.parametrize("ln", [None, "LN"])
@@ -174,7 +174,8 @@ def test_unused_biases_stay_zero_and_untrained():
 def test_rows_must_be_a_mask_shaped_like_tokens():
     model = Transformer(ModelConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4))
     tokens = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(QkovError, match=r"rows must be a boolean mask shaped like tokens \(2, 4\), without positions; got \(2, 3\)"):
+    with pytest.raises(QkovError, match=r"rows must be a boolean mask shaped like tokens \(2, 4\), "
+                                        r"without positions; got \(2, 3\)"):
         model(tokens, rows=torch.ones(2, 3, dtype=torch.bool))
 
 

@@ -84,8 +84,9 @@ def test_loss_and_gradients_equal_the_torch_kernels_and_the_plain_forward(kernel
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(results[True][1][name], results[False][1][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{name}: {m}")
-            torch.testing.assert_close(results[True][1][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(results[True][1][name], p.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("cfg, positions, batch", CASES)

@@ -16,10 +16,10 @@ from plotly.offline import get_plotlyjs
 
 import qkov
 import qkov.report
-from qkov.tour import tour
 from qkov.cli import main
 from qkov.report import data as report_data
 from qkov.report import figures, gather, sections, write_report
+from qkov.tour import tour
 
 MAX_STEPS, ADD_STEPS = 200, 30
 
@@ -123,7 +123,8 @@ def test_add_report_has_mlp_sections(short_trained, tmp_path):
     assert "composition" not in names
     picker = figures.neuron_picker(d.mlp, d.token_labels)
     assert len(picker.layout.sliders[0].steps) == 128
-    np.testing.assert_array_equal(np.asarray(picker.layout.sliders[0].steps[7].args[0]["y"][0]), d.mlp.token_inputs[:, 7])
+    seventh = picker.layout.sliders[0].steps[7].args[0]["y"][0]
+    np.testing.assert_array_equal(np.asarray(seventh), d.mlp.token_inputs[:, 7])
 
 
 def test_two_layer_model_has_composition_and_detectors(tmp_path):

@@ -132,7 +132,8 @@ def test_transformer_bridge_reads_like_hooked_transformer():
     tokens = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(qmodel(tokens), bridge(tokens), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(C.copying_scores(bridge), C.copying_scores(qmodel), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(C.composition_scores(bridge, "K"), C.composition_scores(qmodel, "K"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(C.composition_scores(bridge, "K"), C.composition_scores(qmodel, "K"),
+                               rtol=1e-5, atol=1e-6)
     att = C.logit_attribution(bridge, tokens)
     torch.testing.assert_close(att.total(), att.logits, rtol=1e-4, atol=1e-4)
 

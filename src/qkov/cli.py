@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write a self-contained HTML report of a trained run")
     r.add_argument("dir")
     r.add_argument("-o", "--output", metavar="FILE", help="the HTML file (default DIR/report.html)")
-    r.add_argument("--png", metavar="PNG_DIR", help="also write each figure as a PNG into this folder (needs matplotlib)")
+    r.add_argument("--png", metavar="PNG_DIR",
+                   help="also write each figure as a PNG into this folder (needs matplotlib)")
     r.set_defaults(fn=cmd_report)
     tr = sub.add_parser("tour", help="train max, add and fib, analyse them and write reports with an index page")
     tr.add_argument("-o", "--output", metavar="DIR", default="tour", help="folder for runs and reports (default tour)")

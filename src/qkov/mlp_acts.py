@@ -34,7 +34,8 @@ def neuron_activations(model, task, layer: int = 0, hook: str = "post") -> tuple
         raise QkovError(f"hook={hook!r} must be 'pre' or 'post'")
     n_layers = model.cfg.n_layers
     if not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise QkovError(f"layer={layer!r} is out of range: this model has n_layers={n_layers}, so layer must be in 0..{n_layers - 1}")
+        raise QkovError(f"layer={layer!r} is out of range: this model has n_layers={n_layers}, "
+                        f"so layer must be in 0..{n_layers - 1}")
     tokens = task.dataset("all").tokens
     name = f"blocks.{layer}.mlp.hook_{hook}"
     if hasattr(model.cfg, "normalization"):                                     # qkov

@@ -12,7 +12,7 @@ position, h = head, e = d_head, d = d_model, m = d_mlp, v = vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .analyze import analyze, frequency_comparison
 from .errors import QkovError
@@ -205,7 +206,7 @@ def index_html(result: TourResult) -> str:
 <i>Mathematical Framework for Transformer Circuits</i> reads them. Every number below was measured on these models;
 each report shows the figures behind it.</p>
 {"".join(blocks)}
-<footer>Written by qkov {e(__version__)} in {result.elapsed_s:.0f} s. Rerun with <code>qkov tour -o {e(result.out)}</code>;
-trained models are reused.</footer>
+<footer>Written by qkov {e(__version__)} in {result.elapsed_s:.0f} s.
+Rerun with <code>qkov tour -o {e(result.out)}</code>; trained models are reused.</footer>
 </main></body></html>
 """

@@ -12,8 +12,9 @@ same figures as static PNGs with matplotlib.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import QkovError
 from ..store import atomic_write_text

@@ -11,9 +11,10 @@ small. This is the one module that knows the Summary's keys; figures and pages r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -301,7 +302,8 @@ def token_spectrum(rows: list[dict[str, float]], dominant: list[int]) -> go.Figu
     colors = ["#d62728" if k in dominant else "#1f77b4" for k in ks]
     fig = go.Figure(go.Bar(x=ks, y=[r["share"] for r in rows], marker={"color": colors},
                            customdata=[round(r["period"], 3) for r in rows],
-                           hovertemplate="frequency %{x} (period %{customdata} tokens)<br>share %{y:.4f}<extra></extra>"))
+                           hovertemplate="frequency %{x} (period %{customdata} tokens)<br>"
+                                         "share %{y:.4f}<extra></extra>"))
     fig.update_xaxes(title_text="frequency k (cycles over the token range)")
     fig.update_yaxes(title_text="share of power")
     return _layout(fig, "Fourier spectrum of the neuron inputs (dominant frequencies in red)", height=360)

@@ -51,7 +51,7 @@ DRAW_JS = """
     Plotly.newPlot(div, spec.data, spec.layout, %s);
   }
 })();
-""" % json.dumps(PLOTLY_CONFIG)
+""" % json.dumps(PLOTLY_CONFIG)  # noqa: UP031 (JavaScript: str.format would need every brace doubled)
 
 
 def e(x: Any) -> str:
@@ -133,7 +133,8 @@ def render(data: ReportData, secs: list[Section] | None = None) -> str:
 {notes}
 <nav>{nav}</nav>
 {body}
-<footer>Written by qkov {e(__version__)}. Figures are plotly: drag to zoom, double-click to reset, hover for values.</footer>
+<footer>Written by qkov {e(__version__)}.
+Figures are plotly: drag to zoom, double-click to reset, hover for values.</footer>
 </main>
 <script type="text/javascript">{DRAW_JS}</script>
 </body>

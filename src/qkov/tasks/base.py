@@ -29,7 +29,7 @@ class Batch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def __getitem__(self, idx) -> "Batch":
+    def __getitem__(self, idx) -> Batch:
         return Batch(self.tokens[idx], self.targets[idx], self.scored[idx])
 
 
