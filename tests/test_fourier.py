@@ -6,13 +6,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qkov
 from qkov import fourier
-from qkov.fastpath import scored_logits_fn
 from qkov.progress import gini, progress_measures
-
 
 
 # ------------------------------------------------------------------- basis
@@ -170,29 +167,11 @@ def test_input_spectrum_finds_the_planted_period():
 
 
 # ------------------------------------------------------------- a grokked model
-def _grok(p: int, train_frac: float, steps: int) -> tuple[qkov.Transformer, qkov.Task]:
-    """Nanda et al.'s recipe (full-batch AdamW, wd 1) with float64 cross-entropy, as in the paper:
-    a float32 log-softmax rounds the tiny losses after memorisation and the run destabilises."""
-    task = qkov.get_task("modadd", p=p, train_frac=train_frac)
-    model = qkov.Transformer(task.model_config().replace(d_mlp=128), seed=0)
-    opt = torch.optim.AdamW(
-        [q for q in model.parameters() if q.requires_grad], lr=3e-3, weight_decay=1.0, betas=(0.9, 0.98)
-    )
-    forward = scored_logits_fn(model, task)
-    train = task.dataset("train")
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 10)
-        loss = F.cross_entropy(forward(train.tokens)[:, 0].double(), train.targets[:, 2])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval(), task
-
-
 @pytest.fixture(scope="session")
-def grokked():
-    return _grok(p=23, train_frac=0.6, steps=2500)
+def grokked(small_modadd):
+    """The reference suite's grokked p=23 run (``conftest.SMALL_MODADD``: Nanda et al.'s full-batch
+    recipe with a float64 loss), trained once per session and shared with tests/test_reference.py."""
+    return small_modadd.model, small_modadd.task
 
 
 @pytest.mark.slow
@@ -244,6 +223,27 @@ def test_progress_measures_one_row_per_checkpoint(modadd_run):
     )
 
 
+def test_progress_measures_are_a_function_of_the_models(modadd_run):
+    """(step, model) pairs give the rows the run directory gives; nothing in them reads a file."""
+    from_dir = progress_measures(modadd_run.path, modadd_run.task)
+    pairs = [(step, model) for step, model in qkov.store.checkpoints(modadd_run.path)]
+    assert progress_measures(pairs, modadd_run.task, final_model=modadd_run.model) == from_dir
+    assert progress_measures(iter(pairs), modadd_run.task) == from_dir          # last checkpoint = final
+    keys = from_dir[0]["key_frequencies"]
+    assert progress_measures(pairs[1:], modadd_run.task, key_freqs=keys) == [
+        {k: v for k, v in r.items() if k != "key_frequencies"} | ({"key_frequencies": keys} if i == 0 else {})
+        for i, r in enumerate(from_dir[1:])
+    ]
+
+
+def test_progress_measures_take_a_task_name(tmp_path):
+    task = qkov.get_task("modadd")                                            # the reference p=113
+    cfg = task.train_config().replace(steps=1, checkpoint_every=1, eval_every=1)
+    run = qkov.train(task, out=tmp_path / "run", train_config=cfg, quiet=True)
+    rows = progress_measures(run.path, "modadd", key_freqs=[4, 32])
+    assert [r["step"] for r in rows] == [0, 1] and rows == progress_measures(run.path, task, key_freqs=[4, 32])
+
+
 def test_progress_measures_errors(modadd_run, tmp_path):
     import shutil
 
@@ -266,3 +266,5 @@ def test_progress_measures_errors(modadd_run, tmp_path):
 
     with pytest.raises(qkov.QkovError, match="needs a task indexed by residues"):
         progress_measures(modadd_run.path, qkov.get_task("add"))
+    with pytest.raises(qkov.QkovError, match="progress_measures got no checkpoints"):
+        progress_measures([], task)

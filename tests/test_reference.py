@@ -12,11 +12,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# A small prime with a larger train fraction groks in ~2,000 full-batch steps (p=43 with the
-# reference 30% memorises and stays near chance for 7,000 steps). The same settings as
-# tests/test_fourier.py's grokked model: lr 3e-3, d_mlp 128, 2,500 steps, wd 1, betas (0.9, 0.98).
-SMALL_MODADD = dict(p=23, train_frac=0.6, d_mlp=128, lr=3e-3, steps=2500)
-
 
 def test_max_is_right_at_every_length(trained):
     run = trained("max")
@@ -43,8 +38,8 @@ def test_fib_is_right_at_every_position(trained):
         assert g["accuracy"] >= 0.995, (pos, g)
 
 
-def test_small_modadd_generalises(trained):
-    run = trained("modadd", **SMALL_MODADD)
+def test_small_modadd_generalises(small_modadd):
+    run = small_modadd                                    # conftest.SMALL_MODADD; tests/test_fourier.py reads it too
     m = run.task.evaluate(run.model)
     assert m["train_accuracy"] == 1.0, m
     assert m["accuracy"] >= 0.99, m                       # on the 40% of pairs never trained on
