@@ -10,6 +10,12 @@ Layout of a run directory::
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never
 leaves a file that fails to load. Nothing is ever unpickled: tensors load through safetensors.
+
+This is the only module that touches these files (and the only one that imports safetensors):
+the trainer saves through :func:`save_checkpoint`, :func:`save_train_state` and
+:func:`save_final`; readers get a :class:`Run` from :func:`load_run`, ``(step, model)`` pairs
+from :func:`checkpoints` and a :class:`TrainState` from :func:`load_train_state`. Every damaged,
+missing or mismatched file is a one-line ``QkovError`` that says how to fix it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +80,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Save tensors as safetensors atomically; returns the file's sha256."""
-    data = st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    """Save tensors as safetensors atomically; returns the file's sha256.
+
+    Tensors that share storage with one saved before them (views of one tensor, such as the
+    optimizer's step counts) are saved as copies: safetensors refuses shared memory.
+    """
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    data = st_save(out, metadata=metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def load_tensors(path: str | Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], bytes]:
+def load_tensors(
+    path: str | Path, what: str = "weights", fix: str = "retrain, or resume from a checkpoint"
+) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The tensors of a safetensors file and its bytes; a QkovError ending in ``fix`` when the
+    file is missing, truncated or damaged."""
     path = Path(path)
     if not path.is_file():
         raise QkovError(f"{path} does not exist; expected the {what} file of a qkov run")
@@ -89,8 +113,15 @@ def load_tensors(path: str | Path, what: str = "weights") -> tuple[dict[str, tor
     except (SafetensorError, Exception) as e:  # truncated or corrupt files
         raise QkovError(
             f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
-            f"it is truncated or damaged: retrain, or resume from a checkpoint"
+            f"it is truncated or damaged: {fix}"
         ) from None
+
+
+def tensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file's bytes (already loaded once, so
+    well-formed): an 8-byte little-endian header length, then the JSON header."""
+    n = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -117,7 +148,7 @@ class RunConfig:
             **self.extra,
         }
 
-    def same_setup(self, other: "RunConfig") -> bool:
+    def same_setup(self, other: RunConfig) -> bool:
         """Same task, model, training config and seed (versions and hashes aside)."""
         keys = ("task", "model", "train", "seed")
         a, b = self.to_dict(), other.to_dict()
@@ -184,18 +215,32 @@ def load(path: str | Path) -> Transformer:
 
 
 @dataclass
-class LoadedRun:
-    path: Path
-    config: RunConfig
+class Run:
+    """A trained model with the configs that made it and its eval history.
+
+    What :func:`qkov.train` returns and :func:`load_run` reads back: ``model`` (a
+    ``Transformer``), ``config`` (the :class:`RunConfig`: task, model and train configs, seed),
+    ``metrics`` (one dict per evaluation, as in ``metrics.jsonl``) and ``path``, the run
+    directory (None for a run kept in memory).
+    """
+
     model: Transformer
-    metrics: list[dict[str, Any]]
+    config: RunConfig
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
 
     @property
     def task(self) -> Task:
         return self.config.task
 
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last eval's metrics ({} before the first eval)."""
+        return self.metrics[-1] if self.metrics else {}
 
-def load_run(path: str | Path) -> LoadedRun:
+
+def load_run(path: str | Path) -> Run:
+    """The finished run in ``path``: final model (in eval mode), configs and metrics."""
     path = Path(path)
     rc = read_config(path)
     f = path / MODEL
@@ -211,7 +256,7 @@ def load_run(path: str | Path) -> LoadedRun:
         )
     model = build_model(rc.model, tensors, str(f))
     model.eval()
-    return LoadedRun(path, rc, model, read_metrics(path))
+    return Run(model, rc, read_metrics(path), path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -247,5 +292,158 @@ def checkpoint_paths(path: str | Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint(file: str | Path, cfg: ModelConfig) -> Transformer:
+    """One checkpoint file's model, built for ``cfg`` (in eval mode)."""
     tensors, _ = load_tensors(file, "checkpoint")
-    return build_model(cfg, tensors, str(file))
+    model = build_model(cfg, tensors, str(file))
+    model.eval()
+    return model
+
+
+def checkpoints(path: str | Path, model_config: ModelConfig | None = None) -> Iterator[tuple[int, Transformer]]:
+    """``(step, model)`` for every checkpoint of the run in ``path``, in step order.
+
+    Models are built for ``model_config`` (config.json's model unless given), one fresh
+    ``Transformer`` per checkpoint (in eval mode), so the pairs can be kept. Files are read one
+    at a time as the iterator advances. Raises a QkovError now when the run has no checkpoints,
+    and while iterating when a checkpoint is damaged or has another architecture.
+
+    >>> import qkov, tempfile
+    >>> task = qkov.get_task("max")
+    >>> run = qkov.train(task, out=tempfile.mkdtemp() + "/run", quiet=True,
+    ...                  train_config=task.train_config().replace(steps=4, checkpoint_every=2, eval_every=2))
+    >>> [step for step, model in checkpoints(run.path)]
+    [0, 2, 4]
+    """
+    cfg = model_config if model_config is not None else read_config(path).model
+    files = checkpoint_paths(path)
+    if not files:
+        raise QkovError(
+            f"{Path(path) / CHECKPOINTS} holds no step_N.safetensors checkpoints; train with checkpoints, "
+            f"e.g. qkov train modadd --set checkpoint_every=1000"
+        )
+    return _read_checkpoints(files, cfg)
+
+
+def _read_checkpoints(files: list[tuple[int, Path]], cfg: ModelConfig) -> Iterator[tuple[int, Transformer]]:
+    expected = {k: v.shape for k, v in model_tensors(Transformer(cfg)).items()}
+    first = None
+    for step, f in files:
+        source = f"{f.parent.name}/{f.name}"
+        tensors, _ = load_tensors(f, "checkpoint")
+        shapes = {k: v.shape for k, v in tensors.items()}
+        if shapes != expected:
+            k = (sorted(set(shapes) ^ set(expected)) or [k for k in expected if shapes[k] != expected[k]])[0]
+            seen = f"{k} {tuple(shapes[k])}" if k in shapes else f"no {k}"
+            want = f"{tuple(expected[k])}" if k in expected else "no such tensor"
+            if first is None:
+                raise QkovError(
+                    f"{source} has {seen} but the model config needs {want}; "
+                    f"the checkpoints come from another run or config.json was edited"
+                )
+            raise QkovError(
+                f"checkpoints mix architectures: {source} has {seen} but the model config needs {want} "
+                f"(the first checkpoint, {first}, matches it); keep one run's checkpoints per folder"
+            )
+        first = first or source
+        model = build_model(cfg, tensors, source)
+        model.eval()
+        yield step, model
+
+
+def save_checkpoint(path: str | Path, step: int, model: torch.nn.Module) -> None:
+    """Save ``model``'s weights as ``checkpoints/step_{step}.safetensors`` (metadata: step)."""
+    save_tensors(Path(path) / CHECKPOINTS / f"step_{step}.safetensors", model_tensors(model), {"step": str(step)})
+
+
+def save_final(path: str | Path, rc: RunConfig, model: torch.nn.Module, steps_done: int) -> str:
+    """Save the finished run's weights as ``model.safetensors`` and record their sha256 and
+    ``steps_done`` in ``rc.extra`` and config.json (which :func:`load_run` checks); returns the sha256."""
+    digest = save_tensors(Path(path) / MODEL, model_tensors(model))
+    rc.extra["model_sha256"] = digest
+    rc.extra["steps_done"] = steps_done
+    write_config(path, rc)
+    return digest
+
+
+def load_final(path: str | Path) -> Transformer | None:
+    """The finished run's model as :func:`load` reads it; None while ``model.safetensors`` does
+    not exist yet (the run has not finished)."""
+    return load(path) if (Path(path) / MODEL).is_file() else None
+
+
+def clear_outputs(path: str | Path) -> None:
+    """Delete what training writes in ``path`` (model, training state, metrics, checkpoints),
+    keeping config.json: the same setup is being trained again from scratch."""
+    for _, f in checkpoint_paths(path):
+        f.unlink()
+    for name in (MODEL, TRAIN_STATE, METRICS):
+        (Path(path) / name).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------- training state
+@dataclass
+class TrainState:
+    """What ``train_state.safetensors`` holds to resume a run bit-exactly.
+
+    ``model``: the weights, built for the run's model config (in training mode);
+    ``optimizer_state``: parameter name -> that parameter's optimizer tensors (``step``,
+    ``exp_avg``, ``exp_avg_sq`` for AdamW); ``rng_state``: the batch generator's
+    ``torch.Generator.get_state()``; ``step``: the steps completed.
+    """
+
+    step: int
+    model: Transformer
+    optimizer_state: dict[str, dict[str, torch.Tensor]]
+    rng_state: torch.Tensor
+
+
+def save_train_state(
+    path: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer_state: dict[str, dict[str, torch.Tensor]],
+    rng_state: torch.Tensor,
+) -> None:
+    """Save ``train_state.safetensors``: ``model.<name>`` weights, ``optim.<param>.<key>``
+    optimizer tensors, ``rng`` and the step (metadata). Tensors that share storage are copied."""
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    for name, state in optimizer_state.items():
+        for key, v in state.items():
+            tensors[f"optim.{name}.{key}"] = torch.as_tensor(v)
+    tensors["rng"] = rng_state
+    save_tensors(Path(path) / TRAIN_STATE, tensors, {"step": str(step)})
+
+
+def load_train_state(path: str | Path, model_config: ModelConfig) -> TrainState:
+    """The training state saved in ``path``, checked against ``model_config``.
+
+    Raises a one-line QkovError when the file is missing, truncated, or does not match the
+    model (weights, optimizer tensors of parameters it lacks or of another shape).
+    """
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        raise QkovError(
+            f"{path} has no {TRAIN_STATE} to resume from (the run saved no checkpoint); "
+            f"retrain it, with --set checkpoint_every=N to make it resumable"
+        )
+    fix = "retrain the run (checkpoints/ keep its weights but not the optimizer state needed to resume)"
+    tensors, data = load_tensors(f, "training state", fix=fix)
+    step = tensors_metadata(data).get("step", "")
+    if not step.isdigit() or "rng" not in tensors:
+        raise QkovError(f"{f} lacks its step or RNG state; it was not written by qkov or was edited: {fix}")
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model = build_model(model_config, weights, str(f))
+    params = dict(model.named_parameters())
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if not k.startswith("optim."):
+            continue
+        name, key = k[len("optim."):].rsplit(".", 1)
+        if name not in params:
+            raise QkovError(f"{f} holds optimizer state for {name}, which the model does not have; "
+                            f"the files come from different runs or were edited")
+        if v.ndim and v.shape != params[name].shape:
+            raise QkovError(f"{f}: {k} has shape {tuple(v.shape)} but {name} has {tuple(params[name].shape)}; "
+                            f"the files come from different runs or were edited")
+        optimizer_state.setdefault(name, {})[key] = v
+    return TrainState(int(step), model, optimizer_state, tensors["rng"])
