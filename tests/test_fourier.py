@@ -223,6 +223,27 @@ def test_progress_measures_one_row_per_checkpoint(modadd_run):
     )
 
 
+def test_progress_measures_are_a_function_of_the_models(modadd_run):
+    """(step, model) pairs give the rows the run directory gives; nothing in them reads a file."""
+    from_dir = progress_measures(modadd_run.path, modadd_run.task)
+    pairs = [(step, model) for step, model in qkov.store.checkpoints(modadd_run.path)]
+    assert progress_measures(pairs, modadd_run.task, final_model=modadd_run.model) == from_dir
+    assert progress_measures(iter(pairs), modadd_run.task) == from_dir          # last checkpoint = final
+    keys = from_dir[0]["key_frequencies"]
+    assert progress_measures(pairs[1:], modadd_run.task, key_freqs=keys) == [
+        {k: v for k, v in r.items() if k != "key_frequencies"} | ({"key_frequencies": keys} if i == 0 else {})
+        for i, r in enumerate(from_dir[1:])
+    ]
+
+
+def test_progress_measures_take_a_task_name(tmp_path):
+    task = qkov.get_task("modadd")                                            # the reference p=113
+    cfg = task.train_config().replace(steps=1, checkpoint_every=1, eval_every=1)
+    run = qkov.train(task, out=tmp_path / "run", train_config=cfg, quiet=True)
+    rows = progress_measures(run.path, "modadd", key_freqs=[4, 32])
+    assert [r["step"] for r in rows] == [0, 1] and rows == progress_measures(run.path, task, key_freqs=[4, 32])
+
+
 def test_progress_measures_errors(modadd_run, tmp_path):
     import shutil
 
@@ -245,3 +266,5 @@ def test_progress_measures_errors(modadd_run, tmp_path):
 
     with pytest.raises(qkov.QkovError, match="needs a task indexed by residues"):
         progress_measures(modadd_run.path, qkov.get_task("add"))
+    with pytest.raises(qkov.QkovError, match="progress_measures got no checkpoints"):
+        progress_measures([], task)
