@@ -7,9 +7,9 @@ from .analyze import Summary, analyze
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .model import Transformer
-from .store import load, load_run
+from .store import Run, load, load_run
 from .tasks import Task, get_task
-from .train import Run, resume, train
+from .train import resume, train
 from .interop import from_transformer_lens
 
 

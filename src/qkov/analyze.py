@@ -10,6 +10,7 @@ in words. Every number is computed from the model; the report and the CLI only p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ def composition_table(model) -> dict[str, Any]:
         out[mode] = [[[[_r(x) for x in row] for row in mat] for mat in layer] for layer in s.tolist()]
         flat = int(s.flatten().argmax())
         idx = torch.unravel_index(torch.tensor(flat), s.shape)
-        strongest[mode] = {"from": [int(idx[0]), int(idx[1])], "to": [int(idx[2]), int(idx[3])], "score": _r(s.flatten()[flat])}
+        strongest[mode] = {"from": [int(idx[0]), int(idx[1])], "to": [int(idx[2]), int(idx[3])],
+                           "score": _r(s.flatten()[flat])}
     out["strongest"] = strongest
     return out
 
@@ -205,20 +207,43 @@ def frequency_comparison(a, b, top: int = 5) -> dict[str, Any]:
     n = min(a.cfg.d_vocab, b.cfg.d_vocab)
     sa, sb = neuron_input_spectrum(a, n_tokens=n), neuron_input_spectrum(b, n_tokens=n)
     shared = sorted({f["k"] for f in sa.top(top)} & {f["k"] for f in sb.top(top)})
-    return {"n_tokens": n, "frequency_overlap": round(frequency_overlap(sa, sb), 4), "shared_dominant_frequencies": shared}
+    return {"n_tokens": n, "frequency_overlap": round(frequency_overlap(sa, sb), 4),
+            "shared_dominant_frequencies": shared}
 
 
 # ------------------------------------------------------------------------- entry point
-def analyze(model, task: Task | str, run_dir: str | Path | None = None) -> Summary:
+def _deprecated_run_dir(run_dir: str | Path, checkpoints):
+    """``analyze(run_dir=...)``, kept for one release: its checkpoints, when it has some."""
+    import warnings
+
+    from . import store
+
+    warnings.warn("analyze(model, task, run_dir=...) is deprecated; pass "
+                  "checkpoints=qkov.store.checkpoints(run_dir)", DeprecationWarning, stacklevel=3)
+    if checkpoints is not None or not store.checkpoint_paths(run_dir):
+        return checkpoints
+    return store.checkpoints(run_dir)
+
+
+def analyze(
+    model,
+    task: Task | str,
+    checkpoints: Iterable[tuple[int, Any]] | None = None,
+    run_dir: str | Path | None = None,
+) -> Summary:
     """Everything qkov measures about ``model`` on ``task``, as a Summary (``.to_json()``).
 
-    ``run_dir``: the run directory, when the model came from one (the MLP section then adds
-    progress measures over its checkpoints).
+    ``checkpoints``: the run's ``(step, model)`` checkpoints, when it has some (e.g.
+    ``qkov.store.checkpoints(run_dir)``); for ``modadd`` the MLP section then adds progress
+    measures over them, against ``model``'s key frequencies. ``analyze`` reads no files.
+    ``run_dir`` is deprecated: pass ``checkpoints=qkov.store.checkpoints(run_dir)``.
     """
     from .tasks import get_task
 
     task = get_task(task) if isinstance(task, str) else task
     task.check_model(model.cfg)
+    if run_dir is not None:
+        checkpoints = _deprecated_run_dir(run_dir, checkpoints)
     was_training = model.training
     model.eval()
     try:
@@ -234,12 +259,10 @@ def analyze(model, task: Task | str, run_dir: str | Path | None = None) -> Summa
             s.attention = max_attention_facts(model, task)
         if model.cfg.d_mlp is not None and model.cfg.n_layers == 1:
             s.mlp = mlp_summary(model, task)
-            if run_dir is not None and task.name == "modadd":
+            if checkpoints is not None and task.name == "modadd":
                 from .progress import progress_measures
-                from .store import checkpoint_paths
 
-                if checkpoint_paths(run_dir):
-                    s.mlp["progress"] = progress_measures(run_dir, task)
+                s.mlp["progress"] = progress_measures(checkpoints, task, final_model=model)
         s.findings = _findings(task, s)
         return s
     finally:

@@ -30,7 +30,7 @@ from .errors import QkovError
 from .report import write_report
 from .report.data import dominant_frequencies, finding
 from .report.html import CSS, e
-from .store import MODEL, RunConfig, atomic_write_text, load_run, read_config
+from .store import MODEL, RunConfig, atomic_write_text, checkpoint_paths, checkpoints, load_run, read_config
 from .tasks import get_task
 from .train import train
 
@@ -135,7 +135,8 @@ def tour(
         t1 = time.perf_counter()
         if not reuse:
             say(f"[{i}/{len(plans)}] {name}: trained in {t1 - t0:.0f} s, accuracy {run.metrics[-1]['accuracy']:.2%}")
-        summary = analyze(run.model, task, run_dir=path).to_dict()
+        pairs = checkpoints(path, rc.model) if checkpoint_paths(path) else None
+        summary = analyze(run.model, task, checkpoints=pairs).to_dict()
         t2 = time.perf_counter()
         report = write_report(run, out=path / "report.html", summary=summary)
         t3 = time.perf_counter()

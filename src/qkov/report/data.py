@@ -22,7 +22,7 @@ import torch
 from .. import circuits
 from ..analyze import analyze
 from ..errors import QkovError
-from ..store import load_run
+from ..store import checkpoint_paths, checkpoints, load_run
 
 N_EXAMPLES = 4          # example inputs whose attention patterns are drawn, per head
 MAX_TOKENS = 256        # circuits over larger vocabularies show their first MAX_TOKENS ids
@@ -192,7 +192,7 @@ def _qk_pairs(n_ctx: int, limit: int) -> list[tuple[int, int]]:
 
 
 def _resolve(run) -> tuple[Any, Any, Any, list[dict[str, Any]], Path | None]:
-    """(model, task, RunConfig, metrics, path) of a run directory, Run or LoadedRun."""
+    """(model, task, RunConfig, metrics, path) of a run directory or Run."""
     if isinstance(run, (str, Path)):
         run = load_run(run)
     for attr in ("model", "config", "metrics"):
@@ -216,11 +216,12 @@ def gather(
     """Everything a report draws for ``run`` (a run directory, ``qkov.Run`` or ``load_run`` result).
 
     ``summary``: a precomputed ``qkov.analyze(...).to_dict()`` (else it is computed here, with
-    the run directory for progress measures). ``token_labels`` overrides the task's labels.
+    the run's checkpoints for progress measures). ``token_labels`` overrides the task's labels.
     """
     model, task, rc, metrics, path = _resolve(run)
     if summary is None:
-        summary = analyze(model, task, run_dir=path).to_dict()
+        pairs = checkpoints(path, rc.model) if path is not None and checkpoint_paths(path) else None
+        summary = analyze(model, task, checkpoints=pairs).to_dict()
     w = circuits.weights(model)
     cfg = model.cfg
     nv, nout = min(w.d_vocab, max_tokens), min(w.d_vocab_out, max_tokens)
