@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -10,6 +11,7 @@ from .errors import QkovError
 
 ACT_FNS = ("relu", "gelu")
 NORMALIZATIONS = (None, "LN")
+DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")  # how TrainConfig.device may be spelled
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,10 @@ class TrainConfig:
     resumes from its newest checkpoint);
     ``target_accuracy`` stops training at the first eval that reaches it (None = never);
     ``threads`` sets torch's intra-op threads for the run (0 = one for small models, torch's
-    setting for larger ones). Results are bit-exact for the same seed, configs and thread count.
+    setting for larger ones); ``device`` is where the model, its batches and its evaluation live:
+    ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda if torch sees a GPU, else mps, else
+    cpu), checked against this machine by :func:`qkov.devices.resolve_device`. Results are
+    bit-exact for the same seed, configs, thread count and device (devices differ in rounding).
     """
 
     steps: int = 2000
@@ -99,6 +104,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     target_accuracy: float | None = None
     threads: int = 0  # torch intra-op threads while training; 0 = auto (see train.threads_for)
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
 
     def __post_init__(self) -> None:
         _check_positive_int("steps", self.steps)
@@ -121,6 +127,7 @@ class TrainConfig:
             raise QkovError(f"lr_schedule={self.lr_schedule!r} is not supported; expected constant or cosine")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise QkovError(f"target_accuracy={self.target_accuracy} must be in (0, 1] (or None)")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -136,6 +143,22 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return _replace(self, changes, "train config")
+
+
+def check_device(name: Any) -> str:
+    """``name`` when it spells a device qkov can run on (one of :data:`DEVICES`), else a QkovError.
+
+    Only the spelling is checked here; whether this machine has that device is
+    :func:`qkov.devices.resolve_device`'s question.
+
+    >>> check_device("cuda:1")
+    'cuda:1'
+    """
+    if isinstance(name, str) and (name in ("cpu", "cuda", "mps", "auto") or re.fullmatch(r"cuda:(0|[1-9]\d*)", name)):
+        return name
+    raise QkovError(
+        f"device={name!r} is not a device qkov knows; expected one of {', '.join(DEVICES)} (N = 0, 1, ...)"
+    )
 
 
 def _check_positive_int(name: str, v: Any) -> None:
