@@ -1,5 +1,9 @@
 """Circuits: pure functions of a model's weights (qkov or TransformerLens), no training, no I/O.
 
+Every function computes on the device of the model's weights and returns its tensors there (a
+model on a GPU is analysed on the GPU); numbers that need no model, such as the composition
+scores' random baseline, are drawn on the CPU from their seed, so they are the same everywhere.
+
 >>> import qkov
 >>> model = qkov.Transformer(qkov.ModelConfig(n_layers=1, n_heads=1, d_model=32, d_vocab=64, n_ctx=6))
 >>> qkov.circuits.full_ov(model, 0, 0).shape

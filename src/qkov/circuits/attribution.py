@@ -54,7 +54,7 @@ def logit_attribution(model, tokens) -> LogitAttribution:
             f"model, not {type(model).__name__}"
         )
     w = weights(model, center_unembed=False)
-    tokens = torch.as_tensor(tokens)
+    tokens = torch.as_tensor(tokens).to(w.device)                    # the model runs where its weights are
     if tokens.ndim == 1:
         tokens = tokens[None]
     with torch.no_grad():

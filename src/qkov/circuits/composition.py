@@ -79,8 +79,10 @@ def composition_scores(
     P, S = _right_factors(w, mode)
     scores = _scores(w.W_V, w.W_O, P, S)
     if baseline:
+        # A number drawn on the CPU (the same for a model on any device), subtracted where the model is.
         base = random_baseline(w.d_model, w.d_head, seed=seed, n_samples=n_samples, dtype=scores.dtype)
-        later = torch.arange(w.n_layers)[:, None] < torch.arange(w.n_layers)[None, :]   # [L, L]
+        layers = torch.arange(w.n_layers, device=scores.device)
+        later = layers[:, None] < layers[None, :]                     # [L, L]
         scores = torch.where(later[:, None, :, None], scores - base, scores)
     return scores
 
@@ -90,7 +92,9 @@ def random_baseline(
 ) -> float:
     """Mean composition score of random ``(d_model × d_head)(d_head × d_model)`` matrix pairs.
 
-    Every mode's matrices have these shapes, so one number serves Q, K and V.
+    Every mode's matrices have these shapes, so one number serves Q, K and V. The matrices are
+    drawn and scored on the CPU from ``seed``, so the number is the same whichever device a
+    model lives on.
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise QkovError(f"n_samples={n_samples!r} must be a positive integer")

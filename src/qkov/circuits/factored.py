@@ -62,6 +62,11 @@ class FactoredMatrix:
             raise QkovError(
                 f"FactoredMatrix leading dimensions do not broadcast: A {tuple(A.shape)}, B {tuple(B.shape)}"
             ) from None
+        if A.device != B.device:
+            raise QkovError(
+                f"FactoredMatrix factors live on different devices: A on {A.device}, B on {B.device}; "
+                f"move one, e.g. B.to(A.device)"
+            )
         if A.dtype != B.dtype:
             dtype = torch.promote_types(A.dtype, B.dtype)
             A, B = A.to(dtype), B.to(dtype)
@@ -96,6 +101,10 @@ class FactoredMatrix:
     @property
     def dtype(self) -> torch.dtype:
         return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
 
     def __repr__(self) -> str:
         return f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.mdim})"
@@ -267,10 +276,11 @@ class FactoredMatrix:
         ks = list(ks)
         if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
             raise QkovError(f"ks={ks} must be positive integers (k >= {self.rdim} columns always hits)")
-        cols = torch.tensor([min(k, self.rdim) - 1 for k in ks])
+        cols = [min(k, self.rdim) - 1 for k in ks]
+        index = torch.tensor(cols, device=self.device)                # on the factors' device
         out = []
         for block, diag in self._diag_chunks(chunk):
-            kth = block.topk(int(cols.max()) + 1, dim=-1).values[..., cols]   # [..., c, len(ks)]
+            kth = block.topk(max(cols) + 1, dim=-1).values[..., index]   # [..., c, len(ks)]
             out.append(diag[..., None] >= kth)
         return torch.cat(out, dim=-2)
 

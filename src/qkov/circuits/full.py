@@ -270,12 +270,14 @@ def key_rank_correlation(
     """
     w = weights(model)
     fm = full_qk(w, layer, head, q_pos, k_pos)
+    # The ids are checked where they were given (values are read), then used on the weights' device.
     idx = torch.arange(w.d_vocab) if tokens is None else torch.as_tensor(tokens, dtype=torch.long).flatten()
     if idx.numel() < 2 or int(idx.min()) < 0 or int(idx.max()) >= w.d_vocab:
         raise QkovError(f"tokens must list at least 2 ids in 0..{w.d_vocab - 1}; got {idx.tolist()[:10]}")
+    idx = idx.to(w.device)
     fm = FactoredMatrix(fm.A[idx], fm.B[:, idx])                      # [n, n]
     n = idx.numel()
-    value_rank = torch.arange(n, dtype=torch.float64)
+    value_rank = torch.arange(n, dtype=torch.float64, device=w.device)
     out = []
     for _, block in fm.iter_rows():                                   # [c, n]
         rank = block.argsort(dim=-1, stable=True).argsort(dim=-1).to(torch.float64)

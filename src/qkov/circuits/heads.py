@@ -23,7 +23,7 @@ stay comparable across sequence lengths and reach 1 for a perfect head.
 These functions run the model (``run_with_cache``) but never train it; they accept a
 ``qkov.Transformer`` or a TransformerLens model (anything with ``cfg.n_layers``, ``cfg.n_heads``,
 ``cfg.n_ctx``, ``cfg.d_vocab`` and a ``run_with_cache`` that caches
-``blocks.{l}.attn.hook_pattern``).
+``blocks.{l}.attn.hook_pattern``). Tokens go to the model's device and scores come back there.
 
 >>> import torch
 >>> pattern = torch.eye(4).roll(-1, dims=1).tril()   # each query attends to the token before it
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..devices import model_device
 from ..errors import QkovError
 
 HEAD_KINDS = ("previous_token", "duplicate_token", "induction")
@@ -97,19 +98,22 @@ def detection_score(pattern: Tensor, detection: Tensor) -> Tensor:
             f"attention pattern {tuple(pattern.shape)} does not match detection pattern "
             f"{tuple(detection.shape)}; expected [batch, head, q, k] and [batch, q, k] with the same batch, q, k"
         )
-    num, rows = _score_parts(pattern, detection)
+    rows = _rows(detection)
     if rows == 0:
         raise QkovError("the detection pattern is empty (no query has a key to attend to), so the score is undefined")
-    out = num / rows
+    out = _attention_on(pattern, detection.to(pattern.device)) / rows
     return out[..., 0] if single else out
 
 
-def _score_parts(pattern: Tensor, detection: Tensor) -> tuple[Tensor, int]:
-    """Attention on detected keys summed over batch and queries ``[..., head]``, and the row count."""
+def _attention_on(pattern: Tensor, detection: Tensor) -> Tensor:
+    """Attention on detected keys summed over batch and queries: ``[..., head]``."""
     det = detection.to(pattern.dtype)                                      # [b, q, k]
-    num = torch.einsum("...bhqk,bqk->...h", pattern, det)                 # [..., h]
-    rows = int(detection.any(-1).sum())
-    return num, rows
+    return torch.einsum("...bhqk,bqk->...h", pattern, det)                # [..., h]
+
+
+def _rows(detection: Tensor) -> int:
+    """How many query rows of ``detection [b, q, k]`` have a key to attend to."""
+    return int(detection.any(-1).sum())
 
 
 # ------------------------------------------------------------------------ test sequences
@@ -177,17 +181,19 @@ def head_scores(
             raise QkovError("half and vocab shape the random test sequences; pass them without tokens, or drop them")
         tokens = _check_tokens(tokens, cfg)
     n_layers, n_heads, n_pos = cfg.n_layers, cfg.n_heads, tokens.shape[1]
-    num = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64) for k in kinds}
+    device = model_device(model)                                            # scores accumulate there
+    num = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device) for k in kinds}
     rows = dict.fromkeys(kinds, 0)
     chunk = max(1, _PATTERN_BUDGET // (n_layers * n_heads * n_pos * n_pos))
     for start in range(0, tokens.shape[0], chunk):
         toks = tokens[start : start + chunk]
-        pattern = _patterns(model, toks, n_layers)                          # [L, b, h, q, k]
+        pattern = _patterns(model, toks, n_layers)                          # [L, b, h, q, k] on device
         for kind in kinds:
-            det = detection_pattern(toks, kind).to(pattern.device)          # [b, q, k]
-            part, r = _score_parts(pattern, det)                            # [L, h]
-            num[kind] += part.double().cpu()
-            rows[kind] += r
+            # Built and counted where the tokens are (the random test's are on the CPU), then
+            # moved next to the patterns: one bool tensor per chunk.
+            det = detection_pattern(toks, kind)                             # [b, q, k]
+            rows[kind] += _rows(det)
+            num[kind] += _attention_on(pattern, det.to(device)).double()   # [L, h]
     out = {}
     for kind in kinds:
         if rows[kind] == 0:
@@ -273,15 +279,19 @@ def _check_tokens(tokens: Tensor, cfg: Any) -> Tensor:
 
 
 def _patterns(model: Any, tokens: Tensor, n_layers: int) -> Tensor:
-    """Attention patterns of every layer, ``[n_layers, batch, head, q, k]``, without gradients."""
+    """Attention patterns of every layer, ``[n_layers, batch, head, q, k]``, without gradients.
+
+    On the model's device (:func:`qkov.devices.model_device`): the tokens go there, and a
+    TransformerLens model spread over several GPUs has its later layers' patterns gathered there.
+    """
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
-    device = _device(model)
+    device = model_device(model)
     with torch.no_grad():
         if _takes_names(model):  # qkov.Transformer.run_with_cache(tokens, names=...)
             _, cache = model.run_with_cache(tokens.to(device), names=names)
         else:                    # TransformerLens: hooks filtered by names_filter
             _, cache = model.run_with_cache(tokens.to(device), names_filter=names)
-    return torch.stack([cache[name].float() for name in names])
+    return torch.stack([cache[name].to(device=device, dtype=torch.float32) for name in names])
 
 
 def _takes_names(model: Any) -> bool:
@@ -289,10 +299,3 @@ def _takes_names(model: Any) -> bool:
         return "names" in inspect.signature(model.run_with_cache).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")

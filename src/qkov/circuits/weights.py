@@ -78,6 +78,11 @@ class Weights:
     def dtype(self) -> torch.dtype:
         return self.W_E.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: every circuit of them is computed and returned there."""
+        return self.W_E.device
+
     def __repr__(self) -> str:
         dims = ", ".join(
             f"{f}={getattr(self, f)}"
