@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .circuits.mlp import neuron_inputs
+from .devices import model_device
 from .errors import QkovError
 from .mlp_acts import neuron_activations
 
@@ -39,8 +40,10 @@ FVE_THRESHOLD = 0.85  # the paper's bar for a neuron "well explained" by one fre
 
 
 # ----------------------------------------------------------------------------- basis
-def fourier_basis(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``[n, n]`` orthonormal real Fourier basis of Z_n, one basis vector per row.
+def fourier_basis(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """``[n, n]`` orthonormal real Fourier basis of Z_n, one basis vector per row, on ``device``.
+
+    Built on the CPU in float64 and moved, so it is the same matrix on every device.
 
     >>> B = fourier_basis(6)
     >>> torch.allclose(B @ B.T, torch.eye(6, dtype=B.dtype))
@@ -55,7 +58,7 @@ def fourier_basis(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
         if 2 * k != n:
             rows.append(torch.sin(2 * math.pi * k * x / n))
     basis = torch.stack(rows)
-    return (basis / basis.norm(dim=1, keepdim=True)).to(dtype)
+    return (basis / basis.norm(dim=1, keepdim=True)).to(dtype=dtype, device=device)
 
 
 def basis_names(n: int) -> list[str]:
@@ -77,7 +80,7 @@ def frequency_rows(k: int, n: int) -> list[int]:
 
 def fft1d(x: Tensor, dim: int = 0) -> Tensor:
     """Coefficients of ``x`` along ``dim`` (length n) in :func:`fourier_basis` (same shape)."""
-    B = fourier_basis(x.shape[dim], x.dtype if x.is_floating_point() else torch.float64)
+    B = fourier_basis(x.shape[dim], x.dtype if x.is_floating_point() else torch.float64, x.device)
     return torch.movedim(torch.tensordot(B, torch.movedim(x.to(B.dtype), dim, 0), dims=1), 0, dim)
 
 
@@ -118,7 +121,7 @@ def pair_logits(model, task) -> Tensor:
     """``[p, p, p]`` logits over every ``(a, b)`` pair at the answer position: ``[a, b, c]``."""
     tokens, _, pos = _all_pairs(task)
     p = _residue_p(task)
-    return model(tokens)[:, pos, :p].reshape(p, p, p).double()
+    return model(tokens.to(model_device(model)))[:, pos, :p].reshape(p, p, p).double()
 
 
 def neuron_grid(model, task, layer: int = 0) -> Tensor:
@@ -167,7 +170,7 @@ def neuron_frequencies(acts: Tensor) -> NeuronFrequencies:
         r = frequency_rows(k, p)
         mass.append(coef[0, r].sum(0) + coef[r, 0].sum(0) + coef[r][:, r].sum((0, 1)))
     share = torch.stack(mass) / total.clamp(min=1e-300)                         # [K, m]
-    share[:, dead] = 0.0
+    share = torch.where(dead, 0.0, share)
     fve, best = share.max(dim=0)
     freq = torch.where(dead, 0, best + 1)
     return NeuronFrequencies(freq=freq, fve=fve, share=share, dead=dead)
@@ -186,9 +189,9 @@ def key_frequencies(nf: NeuronFrequencies, threshold: float = 0.5, min_share: fl
 
 
 # ----------------------------------------------------------------------- logits
-def _apb_directions(p: int, freqs: Sequence[int]) -> Tensor:
-    """``[n_dirs, p*p]`` unit vectors cos(w_k(a+b)), sin(w_k(a+b)) over the (a, b) grid."""
-    s = torch.arange(p, dtype=torch.float64)
+def _apb_directions(p: int, freqs: Sequence[int], device: torch.device) -> Tensor:
+    """``[n_dirs, p*p]`` unit vectors cos(w_k(a+b)), sin(w_k(a+b)) over the (a, b) grid, on ``device``."""
+    s = torch.arange(p, dtype=torch.float64, device=device)
     apb = (s[:, None] + s[None, :]).reshape(-1)                                 # [p*p]
     dirs = []
     for k in freqs:
@@ -196,7 +199,7 @@ def _apb_directions(p: int, freqs: Sequence[int]) -> Tensor:
             v = f(2 * math.pi * k * apb / p)
             if v.norm() > 1e-6:  # sin(π(a+b)) vanishes for k = p/2
                 dirs.append(v / v.norm())
-    return torch.stack(dirs) if dirs else torch.zeros(0, p * p, dtype=torch.float64)
+    return torch.stack(dirs) if dirs else torch.zeros(0, p * p, dtype=torch.float64, device=device)
 
 
 def _check_freqs(freqs: Sequence[int], p: int) -> list[int]:
@@ -217,7 +220,7 @@ def logit_fve(logits: Tensor, freqs: Sequence[int]) -> float:
     p = logits.shape[0]
     freqs = _check_freqs(freqs, p)
     L = logits.double() - logits.double().mean(-1, keepdim=True)
-    s = torch.arange(p, dtype=torch.float64)
+    s = torch.arange(p, dtype=torch.float64, device=logits.device)
     abc = s[:, None, None] + s[None, :, None] - s[None, None, :]               # [p, p, p]
     explained = 0.0
     for k in freqs:
@@ -236,7 +239,7 @@ def restricted_logits(logits: Tensor, freqs: Sequence[int]) -> Tensor:
     the mean over inputs that the projection lost is added back (the paper's bias correction).
     """
     p = logits.shape[0]
-    D = _apb_directions(p, _check_freqs(freqs, p))                              # [n, p*p]
+    D = _apb_directions(p, _check_freqs(freqs, p), logits.device)               # [n, p*p]
     L = logits.double().reshape(p * p, -1)                                       # [(a b), c]
     kept = D.T @ (D @ L)                                                         # [(a b), c]
     kept = kept + (L - kept).mean(0, keepdim=True)
@@ -246,7 +249,7 @@ def restricted_logits(logits: Tensor, freqs: Sequence[int]) -> Tensor:
 def excluded_logits(logits: Tensor, freqs: Sequence[int]) -> Tensor:
     """Logits with the ``cos/sin(w_k(a+b))`` directions of ``freqs`` removed (no bias correction)."""
     p = logits.shape[0]
-    D = _apb_directions(p, _check_freqs(freqs, p))
+    D = _apb_directions(p, _check_freqs(freqs, p), logits.device)
     L = logits.double().reshape(p * p, -1)
     return (L - D.T @ (D @ L)).reshape(logits.shape)
 
@@ -254,11 +257,11 @@ def excluded_logits(logits: Tensor, freqs: Sequence[int]) -> Tensor:
 def _loss(logits: Tensor, mask: Tensor | None = None) -> float:
     """Mean cross-entropy of ``[p, p, p]`` logits against ``(a + b) mod p``, over ``mask``."""
     p = logits.shape[0]
-    s = torch.arange(p)
+    s = torch.arange(p, device=logits.device)
     target = ((s[:, None] + s[None, :]) % p).reshape(-1)
     lp = F.log_softmax(logits.double().reshape(p * p, p), dim=-1)
     nll = -lp.gather(1, target[:, None])[:, 0]
-    return float(nll.mean() if mask is None else nll[mask.reshape(-1)].mean())
+    return float(nll.mean() if mask is None else nll[mask.reshape(-1).to(logits.device)].mean())
 
 
 def train_mask(task) -> Tensor:
@@ -320,7 +323,7 @@ def neuron_input_spectrum(
     if not 3 <= n <= ni.shape[0]:
         raise QkovError(f"n_tokens={n_tokens} must be in 3..{ni.shape[0]} (the model's d_vocab)")
     ni = ni[:n] - ni[:n].mean(0)                                                 # [n, m]
-    t = torch.arange(n, dtype=torch.float64)
+    t = torch.arange(n, dtype=torch.float64, device=ni.device)
     t = (t - t.mean()) / (t - t.mean()).norm()                                  # unit, orthogonal to constants
     line = t[:, None] * (t @ ni)[None]                                           # [n, m]
     var = ni.pow(2).sum(0)
@@ -365,7 +368,7 @@ def modular_analysis(model, task, layer: int = 0) -> dict[str, Any]:
     train = train_mask(task)
     live = ~nf.dead
     fve = nf.fve[live]
-    in_keys = torch.isin(nf.freq, torch.tensor(keys, dtype=nf.freq.dtype)) & live
+    in_keys = torch.isin(nf.freq, torch.tensor(keys, dtype=nf.freq.dtype, device=nf.freq.device)) & live
     return {
         "kind": "fourier_zp",
         "p": p,
