@@ -32,7 +32,7 @@ import torch
 
 import qkov
 from qkov import fourier
-from qkov.fastpath import scored_logits_fn
+from qkov.fastpath import Plan, plan
 from qkov.train import make_optimizer
 
 
@@ -40,21 +40,18 @@ def step_times(task, model_cfg, train_cfg, steps: int) -> dict[str, dict[str, fl
     """Median wall and CPU seconds of one full-batch training step (forward, backward, AdamW),
     through the plain forward and through the fast path, interleaved so that both see the same load."""
     batch = task.dataset("train")
-    pos = task.scored_positions
-    targets = batch.targets[:, pos]
     runners = {}
     for name in ("plain", "fast"):
         model = qkov.Transformer(model_cfg, seed=0)
-        fast = scored_logits_fn(model, task) if name == "fast" else None
-        fn = fast if fast is not None else (lambda t, m=model: m(t, positions=pos))
-        runners[name] = (fn, make_optimizer(model, train_cfg))
+        # "plain": the model's own forward (the reference plan); "fast": what qkov.train uses.
+        runner = plan(model, task) if name == "fast" else Plan(model, task.scored_positions, task.loss)
+        runners[name] = (runner, make_optimizer(model, train_cfg))
     times = {name: {"wall": [], "cpu": []} for name in runners}
     for i in range(steps + 1):
         for name, (fn, opt) in runners.items():
             w, c = time.perf_counter(), time.process_time()
-            loss = task.loss(fn(batch.tokens), targets)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            fn.loss_and_grads(batch)
             opt.step()
             if i:  # the first step warms up allocators and kernels
                 times[name]["wall"].append(time.perf_counter() - w)

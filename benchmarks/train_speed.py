@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py                  # qkov and TransformerLens, 9 repeats each (~40 s)
     python benchmarks/train_speed.py --repeats 5 --threads 2
     python benchmarks/train_speed.py --skip-tl        # qkov only (no TransformerLens installed)
-    python benchmarks/train_speed.py --torch-kernels  # qkov without its C kernels (fastpath/native.py)
+    python benchmarks/train_speed.py --no-native     # qkov without its C kernel: the table path
 
 TransformerLens is never a qkov dependency. Install it into a separate environment and run the
 benchmark from there:
@@ -46,7 +46,7 @@ import warnings
 import torch
 
 import qkov
-from qkov.fastpath import native, scored_loss_fn
+from qkov.fastpath import native, plan
 from qkov.train import lr_at, make_optimizer
 
 TARGET_SECONDS, TARGET_RATIO = 10.0, 0.3
@@ -118,13 +118,12 @@ def time_tl(task, train_cfg, seed: int) -> dict:
 
 def step_times(task, train_cfg, seed: int, steps: int, skip_tl: bool) -> dict:
     """Median wall and CPU ms of one training step on each side, interleaved, on the same batches."""
-    pos = task.scored_positions
     q_model = qkov.Transformer(task.model_config(), seed=seed)
-    q_loss, q_opt = scored_loss_fn(q_model, task, grads=True), make_optimizer(q_model, train_cfg)
+    q_plan, q_opt = plan(q_model, task), make_optimizer(q_model, train_cfg)
 
     def q_step(batch):                    # what qkov's trainer runs each step
         q_opt.zero_grad(set_to_none=True)
-        q_loss(batch.tokens, batch.targets[:, pos]).item()     # the loss, gradients filled in
+        q_plan.loss_and_grads(batch).item()     # the loss, gradients filled in
         q_opt.step()
 
     runners = {"qkov": q_step}
@@ -161,11 +160,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--step-timing", type=int, default=100, help="steps for the per-step timing (default 100)")
     ap.add_argument("--skip-tl", action="store_true", help="time qkov only")
-    ap.add_argument("--torch-kernels", action="store_true",
-                    help="qkov without its C kernels (as where none were built)")
+    ap.add_argument("--no-native", action="store_true",
+                    help="qkov without its C kernel (the table path, as where none was built)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    native.use_native(not args.torch_kernels)
+    native.use_native(not args.no_native)
     if not args.skip_tl:
         try:
             import transformer_lens  # noqa: F401

@@ -1,4 +1,4 @@
-"""The fast one-layer training path computes the plain forward's logits and gradients."""
+"""The table path computes the plain forward's logits and gradients; plan() chooses once."""
 
 from __future__ import annotations
 
@@ -6,23 +6,14 @@ import pytest
 import torch
 
 from qkov.config import ModelConfig
-from qkov.fastpath import native, scored_logits_fn, scored_loss_fn
+from qkov.fastpath import Plan, native, plan
 from qkov.model import Transformer
-from qkov.tasks import IGNORE, get_task
-
-
-@pytest.fixture(params=["native", "torch"])
-def kernels(request):
-    """Run the test with the C kernels (``fastpath/native.py``), then with the torch kernels."""
-    old = native.use_native(request.param == "native")
-    if request.param == "native":
-        assert native.available(), "the C kernels were not built: reinstall qkov where a C compiler is present"
-    yield request.param
-    native.use_native(old)
+from qkov.tasks import get_task
 
 
 @pytest.fixture
-def torch_kernels():
+def no_native():
+    """The C kernel off: plans made in the test take the table path."""
     old = native.use_native(False)
     yield
     native.use_native(old)
@@ -61,17 +52,17 @@ CONFIGS = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("cfg, positions", CONFIGS)
-@pytest.mark.parametrize("batch", [64, 2])  # 64: scores from the score table; 2: per-example dot products
-def test_fast_path_equals_plain_forward(cfg, positions, seed, dtype, batch):
+@pytest.mark.parametrize("batch", [64, 2])
+def test_table_path_equals_plain_forward(cfg, positions, seed, dtype, batch, no_native):
     cfg = ModelConfig(n_layers=1, **cfg)
     model = _randomised(cfg, dtype, seed)
     gen = torch.Generator().manual_seed(100 + seed)
     tokens = torch.randint(0, cfg.d_vocab, (batch, cfg.n_ctx), generator=gen)
     weights = torch.randn(batch, len(positions), cfg.vocab_out, generator=gen, dtype=dtype)
-    fast = scored_logits_fn(model, positions)
-    assert fast is not None
+    fast = plan(model, positions)
+    assert fast.kind == "tables"
     plain_logits, plain_grads = _logits_and_grads(model, lambda t: model(t, positions=positions), tokens, weights)
-    fast_logits, fast_grads = _logits_and_grads(model, fast, tokens, weights)
+    fast_logits, fast_grads = _logits_and_grads(model, fast.logits, tokens, weights)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(fast_logits, plain_logits, **tol)
     assert fast_grads.keys() == plain_grads.keys()
@@ -83,10 +74,11 @@ def test_reference_modadd_logits_and_grads_match():
     """The grokking model, the case the fast path exists for, at float32 (allclose 1e-5)."""
     task = get_task("modadd", p=23, train_frac=0.6)
     model = Transformer(task.model_config(), seed=0)
-    fn = scored_logits_fn(model, task)
+    fast_plan = plan(model, task)
+    assert fast_plan.kind == "tables"
     batch = task.dataset("train")
     plain = model(batch.tokens, positions=task.scored_positions)
-    fast = fn(batch.tokens)
+    fast = fast_plan.logits(batch.tokens)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     grads = []
     for logits in (plain, fast):
@@ -100,21 +92,41 @@ def test_reference_modadd_logits_and_grads_match():
 def test_fast_path_reads_live_parameters():
     task = get_task("modadd", p=7)
     model = Transformer(task.model_config(), seed=0)
-    fn = scored_logits_fn(model, task)
+    fast = plan(model, task)
     tokens = task.dataset("all").tokens
     with torch.no_grad():
         model.blocks[0].mlp.W_in.mul_(2.0)
         model.embed.W_E.add_(0.1)
-    torch.testing.assert_close(fn(tokens), model(tokens, positions=[2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.logits(tokens), model(tokens, positions=[2]), rtol=1e-5, atol=1e-5)
 
 
-def test_not_applicable_returns_none():
+def test_plan_chooses_once_by_model_and_task():
+    """The plain forward wherever the tables do not apply; the C kernel only for float32
+    attention-only models on the CPU with the standard loss, where it was built."""
     two_layers = Transformer(ModelConfig(n_layers=2, d_vocab=8, n_ctx=4))
-    assert scored_logits_fn(two_layers, [3]) is None
+    assert plan(two_layers, [3]).kind == "plain"
     induction = get_task("induction", n_ctx=8, max_seg=4)
-    assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), induction) is None
-    assert scored_logits_fn(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), [4]) is None
-    assert scored_logits_fn(torch.nn.Linear(2, 2), [0]) is None
+    assert plan(Transformer(ModelConfig(d_vocab=8, n_ctx=8)), induction).kind == "plain"   # positions vary
+    assert plan(Transformer(ModelConfig(d_vocab=8, n_ctx=4)), [4]).kind == "plain"          # outside n_ctx
+    assert plan(torch.nn.Linear(2, 2), [0]).kind == "plain"
+    max_task = get_task("max")
+    model = Transformer(max_task.model_config())
+    assert plan(model, max_task).kind == ("native" if native.available() else "tables")
+    assert plan(model.double(), max_task).kind == "tables"                                # float64 weights
+    assert plan(Transformer(get_task("add").model_config()), get_task("add")).kind == "tables"
+    assert plan(Transformer(max_task.model_config().replace(normalization="LN")), max_task).kind == "tables"
+    assert isinstance(plan(model, max_task), Plan)
+
+
+def test_plain_plan_loss_reads_only_rows_with_a_target():
+    """Positions that vary by example (induction): the loss is the task's loss over every target."""
+    task = get_task("induction", n_ctx=12, max_seg=4, vocab=16)
+    model = Transformer(task.model_config().replace(d_model=16, n_heads=2), seed=0)
+    batch = task.sample(8, torch.Generator().manual_seed(0))
+    p = plan(model, task)
+    assert p.kind == "plain" and p.positions is None
+    want = task.loss(model(batch.tokens), batch.targets)
+    torch.testing.assert_close(p.loss(batch), want)
 
 
 def test_gradients_train_the_same_model():
@@ -126,7 +138,7 @@ def test_gradients_train_the_same_model():
     for fast in (False, True):
         model = Transformer(cfg, seed=0).double()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1.0)
-        fn = scored_logits_fn(model, task) if fast else (lambda t, model=model: model(t, positions=[2]))
+        fn = plan(model, task).logits if fast else (lambda t, model=model: model(t, positions=[2]))
         for _ in range(10):
             loss = torch.nn.functional.cross_entropy(fn(batch.tokens)[:, 0], batch.targets[:, 2])
             opt.zero_grad()
@@ -137,103 +149,20 @@ def test_gradients_train_the_same_model():
         torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-8, atol=1e-9)
 
 
-def _loss_and_grads(model, loss_fn):
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("ignored", [False, True])
-def test_fused_attention_only_loss_equals_cross_entropy_of_the_plain_forward(seed, ignored, kernels):
-    """The max model's training loss (cross-entropy fused into the hand-written kernel) and its
-    gradients equal task.loss of model(tokens, positions=...), with and without ignored targets."""
-    task = get_task("max")
-    pos = task.scored_positions
-    model = _randomised(task.model_config().replace(n_heads=2, d_head=8), torch.float32, seed)
-    batch = task.sample(256, torch.Generator().manual_seed(seed))
-    targets = batch.targets[:, pos].clone()
-    if ignored:
-        targets[::3, 1] = IGNORE
-        targets[5] = IGNORE
-    fused_fn = scored_loss_fn(model, task)
-    assert type(fused_fn(batch.tokens, targets).grad_fn).__name__ == "_AttnOnlyLossBackward"
-    plain_loss, plain_grads = _loss_and_grads(model, lambda: task.loss(model(batch.tokens, positions=pos), targets))
-    fused_loss, fused_grads = _loss_and_grads(model, lambda: fused_fn(batch.tokens, targets))
-    # grads=True: the trainer's form, gradients written by the kernel itself (no autograd).
-    model.zero_grad(set_to_none=True)
-    direct_loss = scored_loss_fn(model, task, grads=True)(batch.tokens, targets)
-    assert direct_loss.grad_fn is None and not direct_loss.requires_grad
-    direct_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(direct_loss, fused_loss, rtol=0, atol=0)
-    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert fused_grads.keys() == plain_grads.keys() == direct_grads.keys()
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-        torch.testing.assert_close(direct_grads[name], fused_grads[name], rtol=0, atol=0,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_loss_fn_falls_back_to_the_task_loss_where_nothing_is_fused():
-    """An MLP model (add) and a float64 max model go through task.loss of the fast logits."""
-    add = get_task("add", max_sum=20)
-    model = Transformer(add.model_config(), seed=0)
-    batch = add.dataset("train")
-    t = batch.targets[:, add.scored_positions]
-    want = add.loss(model(batch.tokens, positions=add.scored_positions), t)
-    torch.testing.assert_close(scored_loss_fn(model, add)(batch.tokens, t), want)
-    model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(scored_loss_fn(model, add, grads=True)(batch.tokens, t), want.detach())
-    assert model.blocks[0].mlp.W_in.grad is not None
-    task = get_task("max")
-    model = Transformer(task.model_config(), seed=0).double()
-    batch = task.sample(128, torch.Generator().manual_seed(0))
-    t = batch.targets[:, task.scored_positions]
-    want = task.loss(model(batch.tokens, positions=task.scored_positions), t)
-    torch.testing.assert_close(scored_loss_fn(model, task)(batch.tokens, t), want)
-
-
-def test_reused_work_buffers_never_mix_two_pending_backwards(kernels):
-    """Two forwards before either backward: the second cannot borrow the first's work tensors
-    (Scratch leases), so both give their own gradients, equal to separate runs."""
-    task = get_task("max")
-    pos = task.scored_positions
-    model = Transformer(task.model_config(), seed=0)
-    fn = scored_loss_fn(model, task)
-    b1, b2 = (task.sample(512, torch.Generator().manual_seed(s)) for s in (1, 2))
-    singles = [_loss_and_grads(model, lambda b=b: fn(b.tokens, b.targets[:, pos]))[1] for b in (b1, b2)]
-    model.zero_grad(set_to_none=True)
-    l1 = fn(b1.tokens, b1.targets[:, pos])
-    l2 = fn(b2.tokens, b2.targets[:, pos])
-    l2.backward()
-    l1.backward()
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, singles[0][name] + singles[1][name], rtol=1e-5, atol=1e-7)
-
-
-def test_work_buffers_stay_within_their_budget_across_many_batch_sizes(torch_kernels):
-    """The fast path reuses work tensors between calls; calling it with ever new batch sizes
-    neither grows them without bound nor changes a result. (The torch kernels: the C kernels'
-    buffers do not depend on the batch.)"""
-    from qkov.fastpath.kernels import _SCRATCH_BUDGET
-
-    task = get_task("max")
-    model = Transformer(task.model_config(), seed=0)
-    fn = scored_logits_fn(model, task)
-    gen = torch.Generator().manual_seed(0)
-    kept = []
-    for batch in range(300, 3000, 97):
-        sample = task.sample(batch, gen)
-        tokens, targets = sample.tokens, sample.targets[:, task.scored_positions]
-        nll, pred = fn.nll_and_prediction(tokens, targets)
-        logits = model(tokens, positions=task.scored_positions)
-        assert torch.equal(pred, logits.argmax(-1))
-        want = -logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-        torch.testing.assert_close(nll, want, rtol=1e-4, atol=1e-5)
-        kept.append(fn.scratch.nbytes)
-        assert fn.scratch.nbytes == sum(b.numel() * b.element_size() for b in fn.scratch.bufs.values())
-    assert max(kept) <= _SCRATCH_BUDGET
-    assert any(b < a for a, b in zip(kept, kept[1:]))          # it was emptied, not grown
+def test_table_plan_loss_and_grads_equal_the_plain_plan(no_native):
+    """An MLP model (add) and a float64 max model: the task's loss of the table logits."""
+    for name, dtype in (("add", torch.float32), ("max", torch.float64)):
+        task = get_task(name, max_sum=20) if name == "add" else get_task(name)
+        model = Transformer(task.model_config(), seed=0).to(dtype)
+        batch = task.dataset("train") if task.finite else task.sample(128, torch.Generator().manual_seed(0))
+        results = []
+        for p in (plan(model, task), Plan(model, task.scored_positions, task.loss)):
+            model.zero_grad(set_to_none=True)
+            loss = p.loss_and_grads(batch)
+            assert loss.grad_fn is None
+            results.append((loss, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+        (fast, fast_grads), (plain, plain_grads) = results
+        torch.testing.assert_close(fast, plain)
+        assert fast_grads.keys() == plain_grads.keys()
+        for n in plain_grads:
+            torch.testing.assert_close(fast_grads[n], plain_grads[n], rtol=1e-4, atol=1e-6)

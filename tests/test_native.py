@@ -1,4 +1,5 @@
-"""The C kernels (qkov.fastpath._native) compute what the torch kernels and the plain forward do."""
+"""The C kernel (qkov.fastpath._native) computes what the table path and the plain forward do,
+on generated shapes, and is never handed a tensor it cannot read."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qkov
 from qkov.config import ModelConfig
-from qkov.fastpath import native, scored_logits_fn, scored_loss_fn
-from qkov.fastpath.attn_only import _tables
+from qkov.fastpath import Plan, native, plan
+from qkov.fastpath.factored import Buffers, build_tables
 from qkov.model import Transformer
-from qkov.tasks import IGNORE, get_task
+from qkov.tasks import IGNORE, Batch, get_task
 
 
 @pytest.fixture
@@ -35,10 +38,41 @@ def _random_model(cfg: ModelConfig, seed: int) -> Transformer:
     return model
 
 
-def _loss_and_grads(model, fn, tokens, targets):
+def _loss_and_grads(model, p: Plan, batch: Batch):
     model.zero_grad(set_to_none=True)
-    loss = fn(tokens, targets)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss = p.loss_and_grads(batch)
+    return loss, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+
+def _batch(tokens, targets, positions) -> Batch:
+    """A batch whose targets at ``positions`` are ``targets`` (IGNORE elsewhere)."""
+    full = torch.full_like(tokens, IGNORE)
+    full[:, positions] = targets
+    return Batch(tokens, full, full != IGNORE)
+
+
+def _plans(model, positions, kernels):
+    """The C plan, the table plan and the plain plan of one model."""
+    kernels(True)
+    c = plan(model, positions)
+    kernels(False)
+    tables = plan(model, positions)
+    kernels(True)
+    assert (c.kind, tables.kind) == ("native", "tables")
+    return c, tables, Plan(model, positions, tables._loss)
+
+
+def _assert_same_loss_and_grads(model, plans, batch, rtol=1e-4, atol=1e-6):
+    (c_loss, c_grads), *others = [_loss_and_grads(model, p, batch) for p in plans]
+    for loss, grads in others:
+        if torch.isnan(loss):
+            assert torch.isnan(c_loss)
+            continue
+        torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+        assert c_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(c_grads[name], grads[name], rtol=rtol, atol=atol,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_the_c_kernels_were_built():
@@ -61,7 +95,7 @@ CASES = [
 
 @pytest.mark.parametrize("cfg, positions, batch", CASES)
 @pytest.mark.parametrize("ignored", [False, True])
-def test_loss_and_gradients_equal_the_torch_kernels_and_the_plain_forward(kernels, cfg, positions, batch, ignored):
+def test_loss_and_gradients_equal_the_table_path_and_the_plain_forward(kernels, cfg, positions, batch, ignored):
     cfg = ModelConfig(n_layers=1, d_mlp=None, **cfg)
     model = _random_model(cfg, seed=batch)
     gen = torch.Generator().manual_seed(batch)
@@ -70,23 +104,7 @@ def test_loss_and_gradients_equal_the_torch_kernels_and_the_plain_forward(kernel
     if ignored:
         targets[::3, 0] = IGNORE
         targets[1] = IGNORE
-    task = get_task("max")          # a task whose loss is the base cross-entropy
-    fn = scored_loss_fn(model, task, scored_logits_fn(model, positions), grads=True)
-    results = {}
-    for on in (True, False):
-        kernels(on)
-        results[on] = _loss_and_grads(model, fn, tokens, targets)
-    plain = task.loss(model(tokens, positions=positions), targets)
-    model.zero_grad(set_to_none=True)
-    plain.backward()
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[True][0], plain.detach(), rtol=1e-5, atol=1e-6)
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(results[True][1][name], results[False][1][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
-            torch.testing.assert_close(results[True][1][name], p.grad, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_loss_and_grads(model, _plans(model, positions, kernels), _batch(tokens, targets, positions))
 
 
 @pytest.mark.parametrize("cfg, positions, batch", CASES)
@@ -97,11 +115,81 @@ def test_eval_nll_and_argmax_equal_the_plain_forward(kernels, cfg, positions, ba
     tokens = torch.randint(0, cfg.d_vocab, (batch, cfg.n_ctx), generator=gen)
     targets = torch.randint(0, cfg.vocab_out, (batch, len(positions)), generator=gen)
     targets[::4] = IGNORE                                      # read as class 0
-    nll, pred = scored_logits_fn(model, positions).nll_and_prediction(tokens, targets)
+    nll, pred = plan(model, positions).nll_and_prediction(tokens, targets)
     logits = model(tokens, positions=positions).detach()
     assert torch.equal(pred, logits.argmax(-1))
     want = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(nll, want, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def _problems(draw):
+    """A random attention-only model, scored positions and a batch: heads 1-4, key positions
+    1-8, vocabularies 2-70, batches 1-100 (rarely a multiple of 32), ignored targets."""
+    n_ctx = draw(st.integers(1, 8))
+    n_heads = draw(st.integers(1, 4))
+    d_vocab = draw(st.integers(2, 70))
+    cfg = ModelConfig(n_layers=1, d_mlp=None, n_heads=n_heads, d_model=4 * n_heads, d_vocab=d_vocab,
+                      d_vocab_out=draw(st.integers(2, 70)), n_ctx=n_ctx, use_bias=draw(st.booleans()))
+    positions = sorted(draw(st.sets(st.integers(0, n_ctx - 1), min_size=1, max_size=n_ctx)))
+    batch = draw(st.integers(1, 100))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, d_vocab, (batch, n_ctx + draw(st.integers(0, 1)) if n_ctx < 8 else n_ctx), generator=gen)
+    targets = torch.randint(0, cfg.vocab_out, (batch, len(positions)), generator=gen)
+    ignored = torch.rand(targets.shape, generator=gen) < draw(st.sampled_from([0.0, 0.3, 1.0]))
+    return cfg.replace(n_ctx=tokens.shape[1]), positions, tokens, targets.masked_fill(ignored, IGNORE), seed
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=_problems())
+def test_generated_shapes_agree_across_all_three_paths(kernels, problem):
+    """Property: on every generated shape the C kernel's loss, gradients, NLL and argmax equal
+    the table path's and the plain forward's."""
+    cfg, positions, tokens, targets, seed = problem
+    model = _random_model(cfg, seed)
+    plans = _plans(model, positions, kernels)
+    _assert_same_loss_and_grads(model, plans, _batch(tokens, targets, positions), rtol=1e-3, atol=1e-5)
+    nll, pred = plans[0].nll_and_prediction(tokens, targets)
+    logits = model(tokens, positions=positions).detach()
+    want = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(nll, want, rtol=1e-4, atol=1e-4)
+    top = logits.amax(-1)
+    # The first argmax, or a logit within rounding of the maximum (near-ties may break either way).
+    assert bool(((pred == logits.argmax(-1)) | (logits.gather(-1, pred[..., None])[..., 0] >= top - 1e-5)).all())
+
+
+def test_frozen_parameters_get_no_gradient(kernels):
+    """use_bias=False freezes the biases: the C plan leaves their .grad None, as autograd does."""
+    task = get_task("max")
+    model = Transformer(task.model_config().replace(use_bias=False), seed=0)
+    batch = task.sample(64, torch.Generator().manual_seed(0))
+    p = plan(model, task)
+    assert p.kind == "native"
+    p.loss_and_grads(batch)
+    for name, q in model.named_parameters():
+        assert (q.grad is None) == (not q.requires_grad), name
+
+
+def test_a_model_on_another_device_never_reaches_the_c_kernel(kernels, monkeypatch):
+    """A model not on the CPU gets the table path; a CPU plan whose model was moved afterwards
+    is stopped by the one check before any address is taken."""
+    task = get_task("max")
+    model = Transformer(task.model_config(), seed=0)
+    stale = plan(model, task)
+    assert stale.kind == "native"
+    calls = []
+    monkeypatch.setattr(native, "_native", type("Spy", (), {
+        "loss_and_grads": lambda *a: calls.append(a), "nll_and_prediction": lambda *a: calls.append(a)}))
+    model.to("meta")
+    assert plan(model, task).kind == "tables"
+    batch = task.sample(8, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="reads CPU tensors only; scores is on meta"):
+        stale.loss_and_grads(batch)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        native.nll_and_prediction(tuple(torch.zeros(1, 2, 2, device="meta") for _ in range(3)),
+                                  batch.tokens, batch.targets, torch.tensor([0]))
+    assert calls == []
 
 
 def test_argmax_breaks_ties_at_the_first_maximum_as_torch_does(kernels):
@@ -114,7 +202,7 @@ def test_argmax_breaks_ties_at_the_first_maximum_as_torch_does(kernels):
         model.unembed.b_U[[7, 40]] = 1.0                      # two tied maxima: the first wins
     batch = task.sample(100, torch.Generator().manual_seed(0))
     targets = batch.targets[:, task.scored_positions]
-    nll, pred = scored_logits_fn(model, task).nll_and_prediction(batch.tokens, targets)
+    nll, pred = plan(model, task).nll_and_prediction(batch.tokens, targets)
     assert torch.equal(pred, torch.full_like(pred, 7))
     logits = model(batch.tokens, positions=task.scored_positions).detach()
     assert torch.equal(logits.argmax(-1), pred)
@@ -124,42 +212,51 @@ def test_argmax_breaks_ties_at_the_first_maximum_as_torch_does(kernels):
 def _max_tables(batch: int = 8):
     task = get_task("max")
     model = Transformer(task.model_config(), seed=0)
-    fn = scored_logits_fn(model, task)
+    path = plan(model, task).path
     with torch.no_grad():
-        tabs, _ = _tables(fn, fn._attn_only_params(), fn.scratch.lease())
+        tables, _ = build_tables(path, plan(model, task)._params(), Buffers())
     b = task.sample(batch, torch.Generator().manual_seed(0))
-    return task, fn, tabs, b.tokens, b.targets[:, task.scored_positions].clone()
+    return path, tables, b.tokens, b.targets[:, task.scored_positions].clone()
 
 
-def test_out_of_range_targets_and_tokens_raise_instead_of_reading_outside_the_tables(kernels):
-    task, fn, tabs, tokens, targets = _max_tables()
-    grads = [torch.empty_like(t) for t in tabs]
+def test_out_of_range_indices_and_bad_tensors_are_refused_before_the_kernel(kernels):
+    path, tables, tokens, targets = _max_tables()
+    grads = [torch.empty_like(t) for t in tables]
+    pos = path.pos_idx
     bad = targets.clone()
     bad[3, 2] = 64
-    with pytest.raises(IndexError, match=r"a target is outside 0\.\.63"):
-        native.loss_and_grads(*tabs, tokens, bad, fn.pos_idx, *grads)
-    with pytest.raises(IndexError, match=r"a target is outside 0\.\.63"):
-        native.nll_and_prediction(*tabs, tokens, bad, fn.pos_idx)
+    with pytest.raises(ValueError, match=r"targets from \d+ to 64 are outside 0\.\.63"):
+        native.loss_and_grads(tables, tokens, bad, pos, grads)
+    with pytest.raises(ValueError, match=r"targets from \d+ to 64 are outside 0\.\.63"):
+        native.nll_and_prediction(tables, tokens, bad, pos)
     bad_tokens = tokens.clone()
     bad_tokens[0, 0] = -1
-    with pytest.raises(ValueError, match=r"a token is outside 0\.\.63"):
-        native.loss_and_grads(*tabs, bad_tokens, targets, fn.pos_idx, *grads)
+    with pytest.raises(ValueError, match=r"token ids from -1 to \d+ are outside 0\.\.63"):
+        native.loss_and_grads(tables, bad_tokens, targets, pos, grads)
     with pytest.raises(ValueError, match="do not fit"):
-        native.loss_and_grads(*tabs, tokens, targets[:, :2], fn.pos_idx, *grads)
+        native.loss_and_grads(tables, tokens, targets[:, :2], pos, grads)
     with pytest.raises(ValueError, match="does not match its table"):
-        native.loss_and_grads(*tabs, tokens, targets, fn.pos_idx, grads[1], grads[0], grads[2])
+        native.loss_and_grads(tables, tokens, targets, pos, [grads[1], grads[0], grads[2]])
+    with pytest.raises(ValueError, match="must be int64"):
+        native.nll_and_prediction(tables, tokens.int(), targets, pos)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.nll_and_prediction((tables[0].double(), tables[1], tables[2]), tokens, targets, pos)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.nll_and_prediction((tables[0].transpose(1, 2), tables[1], tables[2]), tokens, targets, pos)
+    with pytest.raises(ValueError, match="outside the 6 key positions"):
+        native.nll_and_prediction(tables, tokens, targets, pos + 1)
 
 
 def test_no_target_at_all_gives_nan_as_cross_entropy_does(kernels):
-    _, fn, tabs, tokens, targets = _max_tables()
-    grads = [torch.empty_like(t) for t in tabs]
-    loss = native.loss_and_grads(*tabs, tokens, torch.full_like(targets, IGNORE), fn.pos_idx, *grads)
+    path, tables, tokens, targets = _max_tables()
+    grads = [torch.empty_like(t) for t in tables]
+    loss = native.loss_and_grads(tables, tokens, torch.full_like(targets, IGNORE), path.pos_idx, grads)
     want = torch.nn.functional.cross_entropy(torch.zeros(3, 4), torch.full((3,), IGNORE), ignore_index=IGNORE)
     assert torch.isnan(torch.tensor(loss)) and torch.isnan(want)
     assert all(int(g.count_nonzero()) == 0 for g in grads)
 
 
-def test_the_max_model_trains_to_its_target_with_either_kernel(kernels):
+def test_the_max_model_trains_to_its_target_with_or_without_the_c_kernel(kernels):
     task = get_task("max")
     cfg = task.train_config().replace(target_accuracy=0.999, checkpoint_every=0)
     finals = {}

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import fourier, store
 from .errors import QkovError
-from .fastpath import scored_logits_fn
+from .fastpath import plan
 from .model import Transformer
 from .tasks import Task, get_task
 
@@ -57,8 +57,7 @@ def embedding_fourier_norms(model, p: int) -> Tensor:
 def _measures(model, task, keys: Sequence[int], train: Tensor) -> dict[str, Any]:
     p = task.p
     tokens = task.dataset("all").tokens
-    fast = scored_logits_fn(model, task)
-    logits = fast(tokens) if fast is not None else model(tokens, positions=task.scored_positions)
+    logits = plan(model, task).logits(tokens)
     logits = logits[:, -1, :p].reshape(p, p, p).double()
     s = torch.arange(p)
     hit = logits.argmax(-1) == (s[:, None] + s[None, :]) % p

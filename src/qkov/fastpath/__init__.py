@@ -1,104 +1,168 @@
-"""A fast, exact training forward for one-layer models whose loss reads fixed positions.
+"""One door to the ways a model's loss and evaluation are computed: :func:`plan`.
 
-In a one-layer transformer everything attention reads is a function of one (position, token)
-pair: the query, key and value of token ``t`` at position ``j`` are rows of small tables built
-from ``W_E + W_pos[j]``. So instead of projecting every example's residual stream (``batch ×
-pos × d_model × d_head`` per head, per step), :func:`scored_logits_fn` builds those tables once
-per call over the vocabulary and gathers rows. Without LayerNorm it goes further and pushes the
-values through ``W_O W_in`` and ``W_O W_U``: the MLP pre-activations and the direct-path logits
-then come out of one ``embedding_bag`` whose bags are ``(key position, token, head)`` rows
-weighted by the attention pattern (plus the query's own token for the skip path). Only the
-MLP's output (``relu(pre) @ W_out W_U``) stays per example: it is the one nonlinear step.
+``plan(model, task)`` looks at the model and the task once and returns a :class:`Plan`; the
+trainer and ``Task.evaluate`` use its three methods and never ask which one they got:
 
-The maths is the plain forward's, reassociated; logits and gradients match
-``model(tokens, positions=...)`` to float rounding (``tests/test_fastpath.py``). The function
-reads the live parameters on every call, so autograd and the optimizer see through it.
+- ``logits(tokens)``: logits ``[b, p, v]`` at the task's scored positions (every position when
+  the task's positions vary by example), differentiable;
+- ``loss_and_grads(batch)``: the task's loss on a batch, its gradients added to the trainable
+  parameters' ``.grad``, returned detached (``loss(batch)`` keeps the graph);
+- ``nll_and_prediction(tokens, targets)``: what evaluation reads, the NLL of each target and
+  the first argmax, ``[b, p]`` each.
 
-Modules: ``tables`` (the tables and the forwards built on them), ``kernels`` (hand-written
-autograd kernels for the attention-and-mixing step), ``attn_only`` (attention-only models with
-no autograd graph at all).
+There are three implementations, each tested against the first:
+
+- ``"plain"``: the model's own forward, the reference; any model, any task;
+- ``"tables"`` (:mod:`.tables`): one-layer qkov models scored at fixed positions, on any device:
+  attention and mixing from (position, token) tables;
+- ``"native"`` (:mod:`.native`, :mod:`.factored`): one-layer attention-only models without
+  LayerNorm, float32 on the CPU, trained with the task's standard cross-entropy, where the C
+  extension was built: tables in torch, everything per example in C.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import Transformer
-from ..tasks.base import Task
-from .tables import _PushedForward, _ResidForward
+from ..tasks import IGNORE, Batch, Scorer, Task, as_index
+from . import native
+from .factored import Buffers, build_tables, tables_backward
+from .tables import TablePath
+
+__all__ = ["Plan", "plan", "native"]
 
 
-def scored_logits_fn(model, task) -> Callable[[Tensor], Tensor] | None:
-    """A function ``tokens [batch, pos] -> logits [batch, len(positions), d_vocab_out]``.
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
-    ``task`` is a :class:`qkov.tasks.Task` (its ``scored_positions`` are used) or a sequence of
-    query positions. The result equals ``model(tokens, positions=positions)``. Returns None
-    where the shortcut does not apply: not a qkov ``Transformer``, more than one layer, or no
-    fixed scored positions.
 
-    >>> import torch
+def plan(model, task: Task | Sequence[int]) -> "Plan":
+    """How ``model`` is trained and evaluated on ``task`` (a :class:`qkov.Task`, or a sequence of
+    scored positions with the mean cross-entropy as the loss). Made once per model: it binds to
+    where the model's weights are now (moving the model later needs a new plan).
+
     >>> from qkov.tasks import get_task
     >>> task = get_task("modadd", p=7)
     >>> model = Transformer(task.model_config(), seed=0)
-    >>> fn = scored_logits_fn(model, task)
+    >>> fast = plan(model, task)
+    >>> fast.kind
+    'tables'
     >>> tokens = task.dataset("all").tokens
-    >>> torch.allclose(fn(tokens), model(tokens, positions=[2]), atol=1e-5)
+    >>> torch.allclose(fast.logits(tokens), model(tokens, positions=[2]), atol=1e-5)
     True
     """
-    if not isinstance(model, Transformer) or model.cfg.n_layers != 1:
-        return None
-    positions = task if isinstance(task, Sequence) else getattr(task, "scored_positions", None)
-    if positions is None or len(positions) == 0:
-        return None
-    positions = [int(p) for p in positions]
-    if min(positions) < 0 or max(positions) >= model.cfg.n_ctx:
-        return None
-    if model.cfg.normalization is None:
-        return _PushedForward(model, positions)
-    return _ResidForward(model, positions)
+    if isinstance(task, Task):
+        positions, loss, standard = task.scored_positions, task.loss, type(task).loss is Task.loss
+        loss_dtype = task.loss_dtype
+    else:
+        positions, loss, standard, loss_dtype = [int(p) for p in task], _cross_entropy, True, torch.float32
+    if not _tables_apply(model, positions):
+        return Plan(model, positions, loss)
+    path = TablePath(model, positions)
+    if standard and _native_applies(model, loss_dtype):
+        return NativePlan(model, path, loss)
+    return TablePlan(model, path, loss)
 
 
-def scored_loss_fn(model, task: Task, logits_fn: Callable[[Tensor], Tensor] | None = None,
-                   grads: bool = False) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """A function ``(tokens [batch, pos], targets [batch, len(positions)]) -> loss``: the task's
-    training loss (``task.loss``) of the logits at its scored positions, through the fast path.
+def _tables_apply(model, positions: list[int] | None) -> bool:
+    """A one-layer qkov model, scored at fixed positions inside its context."""
+    return (isinstance(model, Transformer) and model.cfg.n_layers == 1 and bool(positions)
+            and min(positions) >= 0 and max(positions) < model.cfg.n_ctx)
 
-    One-layer attention-only models (``max``) get the cross-entropy fused into the hand-written
-    kernel when the task's loss is the base mean cross-entropy in the weights' dtype; the rest
-    get ``task.loss(scored_logits_fn(model, task)(tokens), targets)``. Returns None where
-    :func:`scored_logits_fn` does. ``logits_fn``: that function, when the caller already has it.
-    With ``grads=True`` the function also adds the loss's gradients to the parameters' ``.grad``
-    and returns the loss detached: the fused kernel runs its backward at once, without autograd
-    (what the trainer uses); the other paths call ``backward()``.
 
-    >>> import torch
-    >>> from qkov.tasks import get_task
-    >>> task = get_task("max")
-    >>> model = Transformer(task.model_config(), seed=0)
-    >>> batch = task.sample(512, torch.Generator().manual_seed(0))
-    >>> targets = batch.targets[:, task.scored_positions]
-    >>> fused = scored_loss_fn(model, task)(batch.tokens, targets)
-    >>> plain = task.loss(model(batch.tokens, positions=task.scored_positions), targets)
-    >>> torch.allclose(fused, plain)
-    True
+def _native_applies(model: Transformer, loss_dtype: torch.dtype) -> bool:
+    """Attention-only, no LayerNorm, float32 weights on the CPU and a float32 loss, C built."""
+    W_E = model.embed.W_E
+    return (native.available() and model.cfg.d_mlp is None and model.cfg.normalization is None
+            and W_E.device.type == "cpu" and W_E.dtype == torch.float32 and loss_dtype == torch.float32
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()))
+
+
+class Plan(Scorer):
+    """The plain forward: the reference every other plan is tested against."""
+
+    kind = "plain"
+
+    def __init__(self, model, positions: list[int] | None, loss: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__(model, positions)
+        self._loss = loss
+        self.columns = slice(None) if positions is None else as_index(self.positions)
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        if self.positions is not None and isinstance(self.model, Transformer):
+            return self.model(tokens, positions=self.positions)
+        return super().logits(tokens)
+
+    def loss(self, batch: Batch) -> Tensor:
+        """The task's loss on ``batch``, differentiable."""
+        if self.positions is None and isinstance(self.model, Transformer):
+            # Positions that vary by example: unembed (the largest matmul) only rows with a target.
+            rows = batch.targets != IGNORE
+            return self._loss(self.model(batch.tokens, rows=rows), batch.targets[rows])
+        return self._loss(self.logits(batch.tokens), batch.targets[:, self.columns])
+
+    def loss_and_grads(self, batch: Batch) -> Tensor:
+        """:meth:`loss`, with its gradients added to the parameters' ``.grad``; detached."""
+        loss = self.loss(batch)
+        loss.backward()
+        return loss.detach()
+
+
+class TablePlan(Plan):
+    """One-layer qkov models at fixed positions: logits from (position, token) tables."""
+
+    kind = "tables"
+
+    def __init__(self, model: Transformer, path: TablePath, loss: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__(model, path.positions, loss)
+        self.path = path
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        return self.path(self.model._check_tokens(tokens))
+
+
+class NativePlan(TablePlan):
+    """Attention-only models on the CPU: training steps and evaluation through the C kernel.
+
+    :meth:`loss_and_grads` builds the tables in torch, lets the C kernel run every example
+    forward and backward and write the tables' gradients, and takes those back to the weights
+    by hand (``factored.tables_backward``): no autograd graph at all. :meth:`logits` and
+    :meth:`loss` (which keep a graph) run the table path.
     """
-    logits_fn = logits_fn or scored_logits_fn(model, task)
-    if logits_fn is None:
-        return None
-    # Decided once: the other models never try the fused kernel (nor check their tokens twice).
-    fused = isinstance(logits_fn, _PushedForward) and logits_fn.attn_only and type(task).loss is Task.loss
 
-    def loss(tokens: Tensor, targets: Tensor) -> Tensor:
-        out = logits_fn.loss(tokens, targets, task.loss_dtype) if fused else None
-        return out if out is not None else task.loss(logits_fn(tokens), targets)
+    kind = "native"
 
-    def loss_with_grads(tokens: Tensor, targets: Tensor) -> Tensor:
-        out = logits_fn.loss_with_grads(tokens, targets, task.loss_dtype) if fused else None
-        if out is None:
-            out = task.loss(logits_fn(tokens), targets)
-            out.backward()
-        return out.detach()
+    def __init__(self, model: Transformer, path: TablePath, loss: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__(model, path, loss)
+        self.buffers = Buffers()          # the tables and their gradients, reused across steps
 
-    return loss_with_grads if grads else loss
+    def _params(self) -> tuple[Tensor, ...]:
+        m, attn = self.model, self.path.block.attn
+        return (m.embed.W_E, m.pos_embed.W_pos, attn.W_Q, attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V,
+                attn.W_O, attn.b_O, m.unembed.W_U, m.unembed.b_U)
+
+    @torch.no_grad()
+    def loss_and_grads(self, batch: Batch) -> Tensor:
+        params = self._params()
+        tables, factors = build_tables(self.path, params, self.buffers)
+        grads = tuple(self.buffers.empty(f"grad_{name}", t.shape, t) for name, t in zip(tables._fields, tables))
+        tokens = self.model._check_tokens(batch.tokens)
+        loss = native.loss_and_grads(tables, tokens, batch.targets[:, self.columns], self.path.pos_idx, grads)
+        for p, g in zip(params, tables_backward(self.path, factors, params, *grads)):
+            if not p.requires_grad:        # frozen (e.g. unused biases): no .grad at all
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad += g
+        return torch.tensor(loss, dtype=tables.scores.dtype)
+
+    @torch.no_grad()
+    def nll_and_prediction(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        tables, _ = build_tables(self.path, self._params(), self.buffers)
+        return native.nll_and_prediction(tables, self.model._check_tokens(tokens), targets, self.path.pos_idx)

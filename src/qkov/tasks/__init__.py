@@ -20,12 +20,12 @@ from typing import Any
 from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
 from .arithmetic import AddTask, FibTask, MaxTask, ModAddTask
-from .base import IGNORE, Batch, FiniteTask, Task
+from .base import IGNORE, Batch, FiniteTask, Scorer, Task, as_index, as_scorer, nll_and_prediction
 from .induction import InductionTask
 
 __all__ = [
     "IGNORE", "Batch", "Task", "FiniteTask", "MaxTask", "AddTask", "FibTask", "ModAddTask", "InductionTask",
-    "TASKS", "get_task", "task_from_dict", "configure",
+    "TASKS", "get_task", "task_from_dict", "configure", "Scorer", "as_scorer", "as_index", "nll_and_prediction",
 ]
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MaxTask, AddTask, FibTask, ModAddTask, InductionTask)}

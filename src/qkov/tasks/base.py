@@ -32,6 +32,10 @@ class Batch:
     def __getitem__(self, idx) -> Batch:
         return Batch(self.tokens[idx], self.targets[idx], self.scored[idx])
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(self.tokens.to(device), self.targets.to(device), self.scored.to(device))
+
 
 class Task:
     """Base class. Subclasses set ``name``, ``defaults`` and the sampling/dataset methods."""
@@ -166,32 +170,29 @@ class Task:
     def _measure(self, model, batch: Batch, masks: list[Tensor] | None = None,
                  chunk_tokens: int = 16384) -> list[dict[str, Any]]:
         """Accuracy and loss at the positions of each mask (default: ``batch.scored``), from one
-        forward pass over ``batch`` in chunks of about ``chunk_tokens`` tokens (chunks that fit
-        in cache ran 1.4x faster than one pass over the induction eval set).
+        pass over ``batch`` in chunks of about ``chunk_tokens`` tokens (chunks that fit in cache
+        ran 1.4x faster than one pass over the induction eval set).
 
-        ``model`` maps tokens ``[b, pos]`` to logits ``[b, pos, v]``; one with a
-        ``logits_positions`` list (the trainer's fast path) returns logits at those positions
-        only, ``[b, len(logits_positions), v]``, and every mask must lie within them; one with a
-        ``nll_and_prediction(tokens, targets)`` method supplies what is read here from the
-        logits (see :func:`_nll_and_prediction`) without handing the logits out.
+        ``model`` is a model (its forward is run) or a :class:`Scorer` (the trainer passes its
+        ``qkov.fastpath`` plan): what is read is the scorer's NLL and prediction at its
+        ``positions``, and every mask must lie within them. Batches go to the scorer's device
+        chunk by chunk; the counts are summed on the CPU.
         """
+        scorer = as_scorer(model)
         masks = [batch.scored] if masks is None else masks
         P = batch.tokens.shape[1]
-        pos = getattr(model, "logits_positions", None)
-        cols = slice(None) if pos is None else _as_index(pos)
-        scores = getattr(model, "nll_and_prediction", None)
-        if pos is not None and any(int(m.sum()) != int(m[:, cols].sum()) for m in masks):
-            raise ValueError(f"the model returns logits at positions {list(pos)} only, but a mask reads others")
+        cols = slice(None) if scorer.positions is None else as_index(scorer.positions)
+        if scorer.positions is not None and any(int(m.sum()) != int(m[:, cols].sum()) for m in masks):
+            raise QkovError(f"the scorer reads positions {scorer.positions} only, but a mask reads others")
         zeros = lambda: [torch.zeros(P) for _ in masks]  # noqa: E731
         correct, loss, count = zeros(), zeros(), zeros()
         chunk = max(1, chunk_tokens // P)
+        device = scorer.device
         for i in range(0, len(batch), chunk):
             tokens, tgt = batch.tokens[i : i + chunk], batch.targets[i : i + chunk, cols]
-            if scores is not None:
-                nll, pred = scores(tokens, tgt)                                 # [b, p] each
-            else:
-                nll, pred = _nll_and_prediction(model(tokens).float(), tgt)
-            right = pred == tgt
+            nll, pred = scorer.nll_and_prediction(tokens.to(device), tgt.to(device))   # [b, p] each
+            right = pred.cpu() == tgt
+            nll = nll.cpu()
             for j, mask in enumerate(masks):
                 m = mask[i : i + chunk, cols]
                 correct[j][cols] += (right & m).sum(0)
@@ -222,6 +223,49 @@ class Task:
         """Mean cross-entropy over positions with a target, computed in ``loss_dtype``."""
         flat = logits.reshape(-1, logits.shape[-1]).to(self.loss_dtype)
         return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
+
+
+class Scorer:
+    """What evaluation reads from a model: the NLL of each target and the prediction (the first
+    argmax) at ``positions`` (None: every position), ``[b, p]`` each.
+
+    This one runs the model's forward. The trainer's fast paths (``qkov.fastpath.plan``) are
+    scorers too, so ``Task.evaluate`` reads the same numbers through whichever it is given.
+
+    >>> from qkov.model import Transformer
+    >>> from qkov.tasks import get_task
+    >>> task = get_task("max")
+    >>> scorer = Scorer(Transformer(task.model_config()), task.scored_positions)
+    >>> batch = task.sample(3, torch.Generator().manual_seed(0))
+    >>> [t.shape for t in scorer.nll_and_prediction(batch.tokens, batch.targets[:, 1:])]
+    [torch.Size([3, 5]), torch.Size([3, 5])]
+    """
+
+    def __init__(self, model, positions: list[int] | None = None):
+        self.model = model
+        self.positions = None if positions is None else [int(p) for p in positions]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (tokens are sent there)."""
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """Logits ``[b, p, v]`` at ``positions`` (every position when None)."""
+        logits = self.model(tokens)
+        return logits if self.positions is None else logits[:, as_index(self.positions)]
+
+    @torch.no_grad()
+    def nll_and_prediction(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``-log softmax(logits)[target]`` and the first argmax at ``positions``; ``targets``
+        is ``[b, len(positions)]`` (``IGNORE`` reads class 0)."""
+        return nll_and_prediction(self.logits(tokens).float(), targets)
+
+
+def as_scorer(model) -> Scorer:
+    """``model`` itself when it is a :class:`Scorer`, else a scorer that runs its forward."""
+    return model if isinstance(model, Scorer) else Scorer(model)
 
 
 def _split(n: int, train_frac: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -267,25 +311,24 @@ class FiniteTask(Task):
 _LOG2E = 1.4426950408889634
 
 
-def _nll_and_prediction(logits: Tensor, targets: Tensor, buffers=None) -> tuple[Tensor, Tensor]:
+def nll_and_prediction(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """``-log_softmax(logits)[target]`` and ``logits.argmax(-1)`` (the first maximum, as torch
     breaks ties) over the last dim, from vectorised passes: on CPU, ``argmax`` over a short last
     dim runs element by element (14x slower than ``amax`` on ``max``'s eval set), and ``exp2``
-    runs twice as fast as ``exp``. Ignored targets (``IGNORE``) read class 0. ``buffers``
-    (``.empty(key, shape, like)``, e.g. a fast path's scratch lease) supplies the one work
-    tensor of the logits' size; by default it is allocated."""
+    runs twice as fast as ``exp``. Ignored targets (``IGNORE``) read class 0."""
     V = logits.shape[-1]
-    work = logits.new_empty(logits.shape) if buffers is None else buffers.empty("nll", logits.shape, logits)
+    work = torch.empty_like(logits)
     top = logits.amax(-1, keepdim=True)                                         # [..., 1]
     # First maximum: the largest of (V - index) over the entries equal to the max.
-    first = torch.eq(logits, top, out=work).mul_(torch.arange(V, 0, -1, dtype=logits.dtype)).amax(-1)
+    ranks = torch.arange(V, 0, -1, dtype=logits.dtype, device=logits.device)
+    first = torch.eq(logits, top, out=work).mul_(ranks).amax(-1)
     pred = (V - first).long()
     total = torch.add(top * -_LOG2E, logits, alpha=_LOG2E, out=work).exp2_().sum(-1)   # Σ exp(x - max)
     picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return total.log_().add_(top[..., 0]).sub_(picked), pred
 
 
-def _as_index(positions: list[int]) -> slice | list[int]:
+def as_index(positions: list[int]) -> slice | list[int]:
     """``positions`` as a slice where they are consecutive (a view, not a gather)."""
     if list(positions) == list(range(positions[0], positions[-1] + 1)):
         return slice(positions[0], positions[-1] + 1)
@@ -294,5 +337,5 @@ def _as_index(positions: list[int]) -> slice | list[int]:
 
 def _fixed_targets(tokens: Tensor, positions: list[int], answers: Tensor) -> Batch:
     targets = torch.full_like(tokens, IGNORE)
-    targets[:, _as_index(positions)] = answers
+    targets[:, as_index(positions)] = answers
     return Batch(tokens, targets, targets != IGNORE)
