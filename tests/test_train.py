@@ -8,7 +8,7 @@ import torch
 import qkov
 from qkov import QkovError, get_task, store
 from qkov.tasks import configure
-from qkov.train import _Trainer
+from qkov.evaluation import Evaluator
 
 
 def small_max(steps=60, **train):
@@ -55,17 +55,17 @@ def test_resume_from_an_interrupted_run_uses_the_last_checkpoint(tmp_path, monke
     task, m, t = small_max(60, eval_every=10)  # the reference cosine schedule
     straight = qkov.train(task, out=tmp_path / "a", model_config=m, train_config=t, quiet=True)
     # Kill a run of the same setup at its step-50 eval, ten steps after its last checkpoint.
-    evaluate = _Trainer._evaluate
+    evaluate = Evaluator.__call__
 
-    def dies_at_50(self, *args):
-        if self.step == 50:
+    def dies_at_50(self, state, *args):
+        if state.step == 50:
             raise KeyboardInterrupt
-        return evaluate(self, *args)
+        return evaluate(self, state, *args)
 
-    monkeypatch.setattr(_Trainer, "_evaluate", dies_at_50)
+    monkeypatch.setattr(Evaluator, "__call__", dies_at_50)
     with pytest.raises(KeyboardInterrupt):
         qkov.train(task, out=tmp_path / "b", model_config=m, train_config=t, quiet=True)
-    monkeypatch.setattr(_Trainer, "_evaluate", evaluate)
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
     with pytest.raises(QkovError, match="did not finish.*--resume"):
         qkov.load(tmp_path / "b")
     resumed = qkov.resume(tmp_path / "b", quiet=True)
@@ -156,17 +156,7 @@ def test_adamw_matches_torch_optim(monkeypatch, fused):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_threads_one_for_tiny_models_all_for_large_ones_or_as_set():
-    from qkov.store import RunConfig
-    from qkov.train import threads_for
-
-    def rc(name, **train):
-        task = get_task(name)
-        return RunConfig(task, task.model_config(), task.train_config().replace(**train), 0)
-
-    assert threads_for(rc("max"), 8) == 1              # 512 x 6 tokens, d_model 32
-    assert threads_for(rc("modadd"), 8) == 8           # full batch of 3,831, d_mlp 512
-    assert threads_for(rc("max", threads=3), 8) == 3
+def test_bad_thread_counts_are_refused():
     with pytest.raises(QkovError, match="threads=-1 must be an integer >= 0"):
         get_task("max").train_config().replace(threads=-1)
 
@@ -181,7 +171,7 @@ def test_multithreaded_runs_repeat_bit_exactly():
 
 
 def test_nll_and_prediction_match_log_softmax_and_argmax_ties_included():
-    from qkov.tasks.base import _nll_and_prediction
+    from qkov.tasks import nll_and_prediction as _nll_and_prediction
 
     gen = torch.Generator().manual_seed(0)
     logits = 5 * torch.randn(200, 5, 64, generator=gen)
@@ -194,18 +184,21 @@ def test_nll_and_prediction_match_log_softmax_and_argmax_ties_included():
 
 
 def test_evaluating_through_the_fast_path_equals_the_model():
-    """The trainer evaluates max through its fast path (logits at the scored positions only);
-    the metrics equal task.evaluate(model) on the full forward."""
+    """The trainer evaluates max through its plan (the C kernel or the table path, at the scored
+    positions only); the metrics equal task.evaluate(model) on the full forward."""
+    from qkov.fastpath import plan
+
     task = get_task("max")
-    trainer = _Trainer(qkov.store.RunConfig(task, task.model_config(), task.train_config(), 0), None, True)
-    assert trainer.eval_model is not trainer.model and trainer.eval_model.logits_positions == task.scored_positions
+    model = qkov.Transformer(task.model_config(), seed=0)
     with torch.no_grad():
-        trainer.model.blocks[0].attn.W_Q.mul_(3.0)                              # a less uniform pattern
-    fast, full = task.evaluate(trainer.eval_model), task.evaluate(trainer.model)
+        model.blocks[0].attn.W_Q.mul_(3.0)                                      # a less uniform pattern
+    fast_plan = plan(model, task)
+    assert fast_plan.kind != "plain" and fast_plan.positions == task.scored_positions
+    fast, full = task.evaluate(fast_plan), task.evaluate(model)
     assert fast.keys() == full.keys() and fast["by_length"].keys() == full["by_length"].keys()
     assert fast["accuracy"] == full["accuracy"] and fast["n"] == full["n"]
     assert fast["loss"] == pytest.approx(full["loss"], rel=1e-5)
     for length, g in full["by_length"].items():
         assert fast["by_length"][length]["accuracy"] == g["accuracy"]
-    with pytest.raises(ValueError, match="reads others"):
-        task._measure(trainer.eval_model, task.eval_batch(), [torch.ones_like(task.eval_batch().scored)])
+    with pytest.raises(QkovError, match="reads others"):
+        task._measure(fast_plan, task.eval_batch(), [torch.ones_like(task.eval_batch().scored)])
