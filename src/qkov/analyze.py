@@ -19,6 +19,7 @@ import torch
 
 from . import circuits
 from .circuits.heads import head_scores
+from .devices import model_device
 from .fourier import mlp_summary
 from .tasks import Task
 
@@ -111,11 +112,11 @@ def composition_table(model) -> dict[str, Any]:
 def max_attention_facts(model, task: Task) -> dict[str, Any]:
     """For ``max``: how often each scored position's most-attended key holds the maximum so far,
     the attention weight on maximal keys, and the QK rank correlation of key value vs score."""
-    batch = task.eval_batch()
-    _, cache = model.run_with_cache(batch.tokens, names="blocks.0.attn.hook_pattern")
+    tokens = task.eval_batch().tokens.to(model_device(model))
+    _, cache = model.run_with_cache(tokens, names="blocks.0.attn.hook_pattern")
     pattern = cache["blocks.0.attn.hook_pattern"]                     # [b, h, q, k]
-    running_max = batch.tokens.cummax(1).values                        # [b, q]
-    is_max = batch.tokens[:, None, :] == running_max[:, :, None]        # [b, q, k]: key holds the max so far
+    running_max = tokens.cummax(1).values                              # [b, q]
+    is_max = tokens[:, None, :] == running_max[:, :, None]              # [b, q, k]: key holds the max so far
     is_max &= torch.ones_like(is_max[0]).tril().bool()
     top_key = pattern.argmax(-1)                                       # [b, h, q]
     hits = is_max[:, None].expand_as(pattern).gather(-1, top_key[..., None])[..., 0]  # [b, h, q]

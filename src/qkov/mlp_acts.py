@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .devices import model_device
 from .errors import QkovError
 
 
@@ -36,7 +37,7 @@ def neuron_activations(model, task, layer: int = 0, hook: str = "post") -> tuple
     if not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise QkovError(f"layer={layer!r} is out of range: this model has n_layers={n_layers}, "
                         f"so layer must be in 0..{n_layers - 1}")
-    tokens = task.dataset("all").tokens
+    tokens = task.dataset("all").tokens.to(model_device(model))
     name = f"blocks.{layer}.mlp.hook_{hook}"
     if hasattr(model.cfg, "normalization"):                                     # qkov
         _, cache = model.run_with_cache(tokens, names=[name])

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import fourier, store
 from .errors import QkovError
+from .devices import model_device
 from .fastpath import plan
 from .model import Transformer
 from .tasks import Task, get_task
@@ -56,9 +57,9 @@ def embedding_fourier_norms(model, p: int) -> Tensor:
 @torch.no_grad()
 def _measures(model, task, keys: Sequence[int], train: Tensor) -> dict[str, Any]:
     p = task.p
-    tokens = task.dataset("all").tokens
-    logits = plan(model, task).logits(tokens)
-    logits = logits[:, -1, :p].reshape(p, p, p).double()
+    tokens = task.dataset("all").tokens.to(model_device(model))
+    # Scalars from here on: the [p, p, p] logits come back to the CPU once.
+    logits = plan(model, task).logits(tokens)[:, -1, :p].reshape(p, p, p).double().cpu()
     s = torch.arange(p)
     hit = logits.argmax(-1) == (s[:, None] + s[None, :]) % p
     test = ~train

@@ -83,12 +83,13 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """Save tensors as safetensors atomically; returns the file's sha256.
 
     Tensors that share storage with one saved before them (views of one tensor, such as the
-    optimizer's step counts) are saved as copies: safetensors refuses shared memory.
+    optimizer's step counts) are saved as copies: safetensors refuses shared memory. Tensors on
+    another device are copied to the CPU first; files always load onto the CPU.
     """
     seen: set[int] = set()
     out = {}
     for k, v in tensors.items():
-        v = v.detach().contiguous()
+        v = v.detach().cpu().contiguous()
         ptr = v.untyped_storage().data_ptr()
         if ptr in seen and v.numel():
             v = v.clone()
