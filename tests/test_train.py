@@ -7,8 +7,8 @@ import torch
 
 import qkov
 from qkov import QkovError, get_task, store
-from qkov.tasks import configure
 from qkov.evaluation import Evaluator
+from qkov.tasks import configure
 
 
 def small_max(steps=60, **train):
