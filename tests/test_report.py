@@ -71,7 +71,7 @@ def test_max_report_is_small_fast_and_offline(max_report):
 def test_max_report_sections_and_findings(max_run, max_report):
     out, _ = max_report
     page = out.read_text()
-    summary = qkov.analyze(max_run.model, max_run.task, run_dir=max_run.path).to_dict()
+    summary = qkov.analyze(max_run.model, max_run.task).to_dict()
     got = _findings_in_page(page)
     assert [(i, v) for i, v, _ in got] == [(f["id"], f["value"]) for f in summary["findings"]]
     assert [t for _, _, t in got] == [f["text"] for f in summary["findings"]]

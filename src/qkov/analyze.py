@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -213,38 +212,21 @@ def frequency_comparison(a, b, top: int = 5) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- entry point
-def _deprecated_run_dir(run_dir: str | Path, checkpoints):
-    """``analyze(run_dir=...)``, kept for one release: its checkpoints, when it has some."""
-    import warnings
-
-    from . import store
-
-    warnings.warn("analyze(model, task, run_dir=...) is deprecated; pass "
-                  "checkpoints=qkov.store.checkpoints(run_dir)", DeprecationWarning, stacklevel=3)
-    if checkpoints is not None or not store.checkpoint_paths(run_dir):
-        return checkpoints
-    return store.checkpoints(run_dir)
-
-
 def analyze(
     model,
     task: Task | str,
     checkpoints: Iterable[tuple[int, Any]] | None = None,
-    run_dir: str | Path | None = None,
 ) -> Summary:
     """Everything qkov measures about ``model`` on ``task``, as a Summary (``.to_json()``).
 
     ``checkpoints``: the run's ``(step, model)`` checkpoints, when it has some (e.g.
     ``qkov.store.checkpoints(run_dir)``); for ``modadd`` the MLP section then adds progress
     measures over them, against ``model``'s key frequencies. ``analyze`` reads no files.
-    ``run_dir`` is deprecated: pass ``checkpoints=qkov.store.checkpoints(run_dir)``.
     """
     from .tasks import get_task
 
     task = get_task(task) if isinstance(task, str) else task
     task.check_model(model.cfg)
-    if run_dir is not None:
-        checkpoints = _deprecated_run_dir(run_dir, checkpoints)
     was_training = model.training
     model.eval()
     try:

@@ -1,18 +1,18 @@
 /* qkov.fastpath._native: the per-example part of a one-layer attention-only step, in C.
 
-   qkov/fastpath/attn_only.py builds small tables from the weights (torch ops on V + k rows):
+   qkov/fastpath/factored.py builds small tables from the weights (torch ops on V + k rows):
 
-     s2   [h, nk*V, V+P]  score table: s2[hh, j*V + t', t] is the scaled query-token part of the
-                          score of key token t' at key position j, and s2[hh, j*V + t', V + p]
-                          its query-position part (scored position p);
-     ov   [nk*V, h*w]     row j*V + t': what key token t' at position j adds to the logits
-                          through head hh (columns hh*w .. hh*w + w - 1), i.e. x W_V W_O W_U;
-     skip [P*V, w]        row p*V + t: the direct path (x W_U + biases) of query token t at p.
+     scores [h, nk*V, V+P]  score table: scores[hh, j*V + t', t] is the scaled query-token part of
+                            the score of key token t' at key position j, and scores[hh, j*V + t', V + p]
+                            its query-position part (scored position p);
+     ov     [nk*V, h*w]     row j*V + t': what key token t' at position j adds to the logits
+                            through head hh (columns hh*w .. hh*w + w - 1), i.e. x W_V W_O W_U;
+     skip   [P*V, w]        row p*V + t: the direct path (x W_U + biases) of query token t at p.
 
    For each example b and scored position p (query token tq = tokens[b, pos[p]]), this file does
-   what attn_only.py's torch kernels do with ~40 calls over the whole batch:
+   what the table path (tables.py) does with ~40 torch calls over the whole batch:
 
-     score[hh, j] = s2[hh, key_j, tq] + s2[hh, key_j, V + p]      for causal keys j <= pos[p]
+     score[hh, j] = scores[hh, key_j, tq] + scores[hh, key_j, V + p]      for causal keys j <= pos[p]
      pattern      = softmax_j(score)
      logits       = skip[p*V + tq] + sum_(hh, j) pattern[hh, j] * ov[key_j, hh]
 
@@ -22,7 +22,8 @@
    instead of batch-sized intermediates streaming through memory, with no per-call dispatch.
 
    Every pointer is a raw address handed over by the Python wrapper (fastpath/native.py), which
-   checks dtypes, shapes and contiguity; this file checks the indices it reads with. */
+   checks device, dtypes, shapes, contiguity and every index range before taking an address;
+   this file checks the indices again as it reads them. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -63,7 +64,7 @@
 #endif
 
 typedef struct {
-    const float *s2, *ov, *skip;
+    const float *scores, *ov, *skip;
     const int64_t *tokens, *targets, *pos;
     int64_t tok_s0, tok_s1, tgt_s0, tgt_s1;   /* element strides of tokens [B, n] and targets [B, P] */
     int64_t B, nk, P, V, h, w;
@@ -230,7 +231,7 @@ INLINE void block_forward(const Problem *pr, const int64_t *krow, int64_t nb, in
     for (int64_t i = 0; i < nb; i++) {
         const int64_t tq = query_token(pr, krow, i, p);
         for (int64_t hh = 0; hh < h; hh++) {
-            const float *s = pr->s2 + hh * R * C;
+            const float *s = pr->scores + hh * R * C;
             float *pa = pat + (i * h + hh) * nkeys, m = -INFINITY;
             for (int64_t j = 0; j < nkeys; j++) {
                 const float *row = s + krow[i * nk + j] * C;
@@ -296,10 +297,10 @@ INLINE int64_t target_at(const Problem *pr, int64_t b, int64_t p)
     return pr->targets[b * pr->tgt_s0 + p * pr->tgt_s1];
 }
 
-/* Mean cross-entropy and its gradients, added into the zeroed g_s2, g_ov, g_skip (shapes as
-   s2, ov, skip). */
+/* Mean cross-entropy and its gradients, added into the zeroed g_scores, g_ov, g_skip (shapes as
+   scores, ov, skip). */
 MULTIVERSION
-static int loss_and_grads(const Problem *pr, float *g_s2, float *g_ov, float *g_skip, Work *wk, double *loss)
+static int loss_and_grads(const Problem *pr, float *g_scores, float *g_ov, float *g_skip, Work *wk, double *loss)
 {
     const int64_t h = pr->h, w = pr->w, V = pr->V, P = pr->P, nk = pr->nk, C = V + P, R = nk * V;
     int64_t n_valid = 0;
@@ -358,12 +359,12 @@ static int loss_and_grads(const Problem *pr, float *g_s2, float *g_ov, float *g_
                 /* softmax backward, then into both parts of each score */
                 for (int64_t hh = 0; hh < h; hh++) {
                     const float *pa = pat + hh * nkeys, *gp = g_pat + hh * nkeys;
-                    float *gs2 = g_s2 + hh * R * C, dot = 0.0f;
+                    float *g_head = g_scores + hh * R * C, dot = 0.0f;
                     for (int64_t j = 0; j < nkeys; j++)
                         dot += pa[j] * gp[j];
                     for (int64_t j = 0; j < nkeys; j++) {
                         const float gsc = pa[j] * (gp[j] - dot);
-                        float *row = gs2 + kr[j] * C;
+                        float *row = g_head + kr[j] * C;
                         row[tq] += gsc;
                         row[V + p] += gsc;
                     }
@@ -406,12 +407,12 @@ static int nll_and_prediction(const Problem *pr, float *nll, int64_t *pred, Work
 
 static int parse_problem(PyObject *args, Problem *pr, unsigned long long out[4])
 {
-    unsigned long long s2, ov, skip, tokens, targets, pos;
-    if (!PyArg_ParseTuple(args, "KKKKLLKLLKLLLLLLKKKK", &s2, &ov, &skip, &tokens, &pr->tok_s0, &pr->tok_s1,
+    unsigned long long scores, ov, skip, tokens, targets, pos;
+    if (!PyArg_ParseTuple(args, "KKKKLLKLLKLLLLLLKKKK", &scores, &ov, &skip, &tokens, &pr->tok_s0, &pr->tok_s1,
                           &targets, &pr->tgt_s0, &pr->tgt_s1, &pos, &pr->B, &pr->nk, &pr->P, &pr->V, &pr->h,
                           &pr->w, &out[0], &out[1], &out[2], &out[3]))
         return 0;
-    pr->s2 = (const float *)(uintptr_t)s2;
+    pr->scores = (const float *)(uintptr_t)scores;
     pr->ov = (const float *)(uintptr_t)ov;
     pr->skip = (const float *)(uintptr_t)skip;
     pr->tokens = (const int64_t *)(uintptr_t)tokens;
@@ -461,16 +462,16 @@ static PyObject *py_loss_and_grads(PyObject *self, PyObject *args)
     unsigned long long out[4];
     if (!parse_problem(args, &pr, out) || !work_for(&pr, &wk))
         return NULL;
-    float *g_s2 = (float *)(uintptr_t)out[0], *g_ov = (float *)(uintptr_t)out[1];
+    float *g_scores = (float *)(uintptr_t)out[0], *g_ov = (float *)(uintptr_t)out[1];
     float *g_skip = (float *)(uintptr_t)out[2];
     double loss = 0.0;
     int code;
     Py_BEGIN_ALLOW_THREADS
     FLUSH_SUBNORMALS(csr);
-    memset(g_s2, 0, sizeof(float) * (size_t)(pr.h * pr.nk * pr.V * (pr.V + pr.P)));
+    memset(g_scores, 0, sizeof(float) * (size_t)(pr.h * pr.nk * pr.V * (pr.V + pr.P)));
     memset(g_ov, 0, sizeof(float) * (size_t)(pr.nk * pr.V * pr.h * pr.w));
     memset(g_skip, 0, sizeof(float) * (size_t)(pr.P * pr.V * pr.w));
-    code = loss_and_grads(&pr, g_s2, g_ov, g_skip, &wk, &loss);
+    code = loss_and_grads(&pr, g_scores, g_ov, g_skip, &wk, &loss);
     RESTORE_FP_MODE(csr);
     Py_END_ALLOW_THREADS
     free(wk.krow);
@@ -498,10 +499,10 @@ static PyObject *py_nll_and_prediction(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"loss_and_grads", py_loss_and_grads, METH_VARARGS,
-     "loss_and_grads(s2, ov, skip, tokens, tok_s0, tok_s1, targets, tgt_s0, tgt_s1, pos, B, nk, P, V, h, w,"
-     " g_s2, g_ov, g_skip, 0) -> float: mean cross-entropy; gradients written into the g_ buffers."},
+     "loss_and_grads(scores, ov, skip, tokens, tok_s0, tok_s1, targets, tgt_s0, tgt_s1, pos, B, nk, P, V, h, w,"
+     " g_scores, g_ov, g_skip, 0) -> float: mean cross-entropy; gradients written into the g_ buffers."},
     {"nll_and_prediction", py_nll_and_prediction, METH_VARARGS,
-     "nll_and_prediction(s2, ov, skip, tokens, tok_s0, tok_s1, targets, tgt_s0, tgt_s1, pos, B, nk, P, V, h, w,"
+     "nll_and_prediction(scores, ov, skip, tokens, tok_s0, tok_s1, targets, tgt_s0, tgt_s1, pos, B, nk, P, V, h, w,"
      " nll, pred, 0, 0) -> None: NLL [B, P] (float32) and first argmax [B, P] (int64)."},
     {NULL, NULL, 0, NULL},
 };
