@@ -1,17 +1,15 @@
 """qkov: train small transformers on algorithmic tasks and read their QK and OV circuits."""
 
-from ._version import __version__ as __version__  # written once, in _version.py
-
 from . import circuits
+from ._version import __version__ as __version__  # written once, in _version.py
 from .analyze import Summary, analyze
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
+from .interop import from_transformer_lens
 from .model import Transformer
 from .store import Run, load, load_run
 from .tasks import Task, get_task
 from .train import resume, train
-from .interop import from_transformer_lens
-
 
 
 def __getattr__(name: str):

@@ -24,8 +24,9 @@ Fourier coefficient layout (1-D, length n): index 0 is the constant, then ``2k-1
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from . import fourier, store
-from .errors import QkovError
 from .devices import model_device
+from .errors import QkovError
 from .fastpath import plan
 from .model import Transformer
 from .tasks import Task, get_task

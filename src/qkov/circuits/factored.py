@@ -17,7 +17,7 @@ True
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -122,7 +122,7 @@ class FactoredMatrix:
         return self.B @ self.A
 
     @property
-    def T(self) -> "FactoredMatrix":
+    def T(self) -> FactoredMatrix:
         return FactoredMatrix(_transpose(self.B), _transpose(self.A))
 
     def __matmul__(self, other):
@@ -149,7 +149,7 @@ class FactoredMatrix:
             return FactoredMatrix(other @ self.A, self.B)
         return FactoredMatrix(other, self.AB)
 
-    def __mul__(self, scalar) -> "FactoredMatrix":
+    def __mul__(self, scalar) -> FactoredMatrix:
         if isinstance(scalar, Tensor) and scalar.numel() != 1:
             raise QkovError(
                 f"FactoredMatrix * x needs a scalar; got a tensor of shape {tuple(scalar.shape)} (use @ for products)"
@@ -158,10 +158,10 @@ class FactoredMatrix:
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> "FactoredMatrix":
+    def __neg__(self) -> FactoredMatrix:
         return self * -1
 
-    def __getitem__(self, idx) -> "FactoredMatrix":
+    def __getitem__(self, idx) -> FactoredMatrix:
         """Index the leading (batch) dimensions only: ``fm[layer, head]``."""
         idx = idx if isinstance(idx, tuple) else (idx,)
         if len(idx) > len(self.batch_shape):
@@ -171,7 +171,7 @@ class FactoredMatrix:
             )
         return FactoredMatrix(self.A[idx], self.B[idx])
 
-    def unsqueeze(self, dim: int) -> "FactoredMatrix":
+    def unsqueeze(self, dim: int) -> FactoredMatrix:
         """Add a leading dimension at ``dim`` (counted among the batch dimensions, >= 0)."""
         return FactoredMatrix(self.A.unsqueeze(dim), self.B.unsqueeze(dim))
 

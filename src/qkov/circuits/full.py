@@ -19,7 +19,7 @@ For LayerNorm models these are circuits of the folded, centred weights
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -270,11 +270,13 @@ def _check_tokens(tokens: Tensor, cfg: Any) -> Tensor:
         raise QkovError(f"tokens shaped {tuple(tokens.shape)} are too short; need at least one sequence of 2+ tokens")
     if tokens.shape[1] > cfg.n_ctx:
         raise QkovError(
-            f"a sequence of {tokens.shape[1]} tokens is longer than n_ctx={cfg.n_ctx}; shorten it to {cfg.n_ctx} or fewer"
+            f"a sequence of {tokens.shape[1]} tokens is longer than n_ctx={cfg.n_ctx}; "
+            f"shorten it to {cfg.n_ctx} or fewer"
         )
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= cfg.d_vocab:
-        raise QkovError(f"token ids must lie in 0..{cfg.d_vocab - 1} (d_vocab={cfg.d_vocab}); got ids from {lo} to {hi}")
+        raise QkovError(f"token ids must lie in 0..{cfg.d_vocab - 1} (d_vocab={cfg.d_vocab}); "
+                        f"got ids from {lo} to {hi}")
     return tokens.long()
 
 

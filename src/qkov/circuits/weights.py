@@ -86,7 +86,8 @@ class Weights:
     def __repr__(self) -> str:
         dims = ", ".join(
             f"{f}={getattr(self, f)}"
-            for f in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx", "normalization")
+            for f in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx",
+                      "normalization")
         )
         return f"Weights({dims}, folded={self.folded})"
 

@@ -22,7 +22,7 @@ There are three implementations, each tested against the first:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
 
-def plan(model, task: Task | Sequence[int]) -> "Plan":
+def plan(model, task: Task | Sequence[int]) -> Plan:
     """How ``model`` is trained and evaluated on ``task`` (a :class:`qkov.Task`, or a sequence of
     scored positions with the mean cross-entropy as the loss). Made once per model: it binds to
     where the model's weights are now (moving the model later needs a new plan).
