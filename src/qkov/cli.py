@@ -107,12 +107,11 @@ def format_summary(d: dict[str, Any]) -> str:
 
 def cmd_analyze(args) -> int:
     from .analyze import analyze, frequency_comparison
-    from .store import checkpoint_paths, checkpoints, load_run
+    from .store import load_run
 
     loaded = load_run(args.dir)
     other = load_run(args.compare) if args.compare else None  # fail on a bad path before the work
-    pairs = checkpoints(loaded.path, loaded.config.model) if checkpoint_paths(loaded.path) else None
-    summary = analyze(loaded.model, loaded.task, checkpoints=pairs)
+    summary = analyze(loaded.model, loaded.task, checkpoints=loaded.checkpoints())
     d = summary.to_dict()
     if other is not None:
         d["compare"] = {"dir": str(args.compare), "task": other.task.name,

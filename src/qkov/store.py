@@ -239,6 +239,13 @@ class Run:
         """The last eval's metrics ({} before the first eval)."""
         return self.metrics[-1] if self.metrics else {}
 
+    def checkpoints(self) -> Iterator[tuple[int, Transformer]] | None:
+        """The run's ``(step, model)`` checkpoints (:func:`checkpoints`), or None for a run kept
+        in memory or saved without any: what ``analyze(..., checkpoints=...)`` takes."""
+        if self.path is None or not checkpoint_paths(self.path):
+            return None
+        return checkpoints(self.path, self.config.model)
+
 
 def load_run(path: str | Path) -> Run:
     """The finished run in ``path``: final model (in eval mode), configs and metrics."""
@@ -366,10 +373,20 @@ def save_final(path: str | Path, rc: RunConfig, model: torch.nn.Module, steps_do
     return digest
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a run's ``config.json`` (finished or not)."""
+    return (Path(path) / CONFIG).is_file()
+
+
+def is_finished(path: str | Path) -> bool:
+    """Whether the run in ``path`` has finished (its final ``model.safetensors`` is written)."""
+    return (Path(path) / MODEL).is_file()
+
+
 def load_final(path: str | Path) -> Transformer | None:
     """The finished run's model as :func:`load` reads it; None while ``model.safetensors`` does
     not exist yet (the run has not finished)."""
-    return load(path) if (Path(path) / MODEL).is_file() else None
+    return load(path) if is_finished(path) else None
 
 
 def clear_outputs(path: str | Path) -> None:

@@ -30,7 +30,7 @@ from .errors import QkovError
 from .report import write_report
 from .report.data import dominant_frequencies, finding
 from .report.html import CSS, e
-from .store import MODEL, RunConfig, atomic_write_text, checkpoint_paths, checkpoints, load_run, read_config
+from .store import RunConfig, atomic_write_text, is_finished, is_run_dir, load_run, read_config
 from .tasks import get_task
 from .train import train
 
@@ -78,7 +78,7 @@ class TourResult:
 
 def _reusable(path: Path, rc: RunConfig) -> bool:
     """True when ``path`` holds a finished run with exactly this setup; an error for another run."""
-    if not (path / "config.json").is_file():
+    if not is_run_dir(path):
         if path.exists() and any(path.iterdir()):
             raise QkovError(f"{path} exists and is not a qkov run directory; delete it or pass another -o DIR")
         return False
@@ -91,7 +91,7 @@ def _reusable(path: Path, rc: RunConfig) -> bool:
             f"{path} holds a {old.task.name} run with a different setup from the tour's (seed {rc.seed}, "
             f"reference settings); delete {path} to retrain it, or pass another -o DIR"
         )
-    return (path / MODEL).is_file()
+    return is_finished(path)
 
 
 def tour(
@@ -135,8 +135,7 @@ def tour(
         t1 = time.perf_counter()
         if not reuse:
             say(f"[{i}/{len(plans)}] {name}: trained in {t1 - t0:.0f} s, accuracy {run.metrics[-1]['accuracy']:.2%}")
-        pairs = checkpoints(path, rc.model) if checkpoint_paths(path) else None
-        summary = analyze(run.model, task, checkpoints=pairs).to_dict()
+        summary = analyze(run.model, task, checkpoints=run.checkpoints()).to_dict()
         t2 = time.perf_counter()
         report = write_report(run, out=path / "report.html", summary=summary)
         t3 = time.perf_counter()

@@ -21,8 +21,9 @@ import torch
 
 from .. import circuits
 from ..analyze import analyze
+from ..devices import model_device
 from ..errors import QkovError
-from ..store import checkpoint_paths, checkpoints, load_run
+from ..store import Run, load_run
 
 N_EXAMPLES = 4          # example inputs whose attention patterns are drawn, per head
 MAX_TOKENS = 256        # circuits over larger vocabularies show their first MAX_TOKENS ids
@@ -220,8 +221,7 @@ def gather(
     """
     model, task, rc, metrics, path = _resolve(run)
     if summary is None:
-        pairs = checkpoints(path, rc.model) if path is not None and checkpoint_paths(path) else None
-        summary = analyze(model, task, checkpoints=pairs).to_dict()
+        summary = analyze(model, task, checkpoints=Run(model, rc, metrics, path).checkpoints()).to_dict()
     w = circuits.weights(model)
     cfg = model.cfg
     nv, nout = min(w.d_vocab, max_tokens), min(w.d_vocab_out, max_tokens)
@@ -230,49 +230,9 @@ def gather(
     if w.d_vocab > max_tokens or w.d_vocab_out > max_tokens:
         notes.append(f"Circuits over the vocabulary show its first {max_tokens} token ids.")
 
-    # Example inputs: the first few of the task's fixed eval set, every head's pattern on each.
-    batch = task.eval_batch()
-    toks = batch.tokens[:n_examples]
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(cfg.n_layers)]
-    _, cache = model.run_with_cache(toks, names=names)
-    pats = torch.stack([cache[n] for n in names], dim=1)                     # [b, L, H, q, k]
-    examples = [
-        Example(t.tolist(), [f"({i}) {labels[x]}" for i, x in enumerate(t.tolist())], _np(pats[b], 3))
-        for b, t in enumerate(toks)
-    ]
-
-    # Position-aware QK: as many (q, k) pairs per head as the page's budget allows.
-    n_heads_total = cfg.n_layers * cfg.n_heads
-    per_pair = nv * nv
-    limit = max(1, QK_PAIR_BUDGET // (per_pair * n_heads_total))
-    pairs = _qk_pairs(cfg.n_ctx, limit) if w.W_pos is not None else []
-    default = _default_pair(task, cfg.n_ctx) if pairs else None
-    if default is not None and default not in pairs:
-        pairs = sorted(set(pairs) | {default})
-    n_sq = min(w.d_vocab, w.d_vocab_out)
-    heads = []
-    rows = {(r["layer"], r["head"]): r for r in summary.get("heads", [])}
-    for l in range(cfg.n_layers):
-        for h in range(cfg.n_heads):
-            fov = circuits.full_ov(model, l, h)
-            eig = circuits.FactoredMatrix(fov.A[:n_sq], fov.B[:, :n_sq]).eigenvalues
-            heads.append(HeadData(
-                layer=l, head=h, scores=rows.get((l, h), {}),
-                qk=_np(circuits.full_qk(model, l, h).AB[:nv, :nv], digits),
-                qk_pairs={(q, k): _np(circuits.full_qk(model, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
-                qk_default=default,
-                positional_qk=_np(circuits.positional_qk(model, l, h), digits) if w.W_pos is not None else None,
-                ov=_np(fov.AB[:nv, :nout], digits),
-                eigenvalues=np.asarray(eig.detach().cpu().numpy(), dtype=np.complex128),
-            ))
-
-    mlp = None
-    if cfg.d_mlp is not None:
-        n_pos = cfg.n_ctx if w.W_pos is not None else 1
-        ni = torch.stack([circuits.neuron_inputs(model, 0, pos=p if w.W_pos is not None else None)
-                          for p in range(n_pos)])                             # [pos, v, m]
-        mlp = MlpData(_np(ni[:, :nv], digits), _np(circuits.neuron_inputs(model, 0)[:nv], digits),
-                      _np(circuits.neuron_logits(model, 0)[:, :nout], digits), summary.get("mlp"))
+    examples = _examples(model, task, labels, n_examples)
+    heads = _heads(model, task, summary, nv, nout, digits)
+    mlp = _mlp(model, summary, nv, nout, digits) if cfg.d_mlp is not None else None
 
     return ReportData(
         title=title or f"qkov report: {task.name}" + (f" ({path})" if path else ""),
@@ -290,6 +250,53 @@ def gather(
         mlp=mlp,
         notes=notes,
     )
+
+
+def _examples(model, task, labels: list[str], n: int) -> list[Example]:
+    """The first ``n`` inputs of the task's fixed eval set, with every head's pattern on each."""
+    toks = task.eval_batch().tokens[:n]
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(toks.to(model_device(model)), names=names)
+    pats = torch.stack([cache[n] for n in names], dim=1)                     # [b, L, H, q, k]
+    return [Example(t.tolist(), [f"({i}) {labels[x]}" for i, x in enumerate(t.tolist())], _np(pats[b], 3))
+            for b, t in enumerate(toks)]
+
+
+def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int) -> list[HeadData]:
+    """Each head's circuits: full QK (also at as many (q, k) position pairs as the page's budget
+    allows), positional QK, full OV and its eigenvalues."""
+    w, cfg = circuits.weights(model), model.cfg
+    limit = max(1, QK_PAIR_BUDGET // (nv * nv * cfg.n_layers * cfg.n_heads))
+    pairs = _qk_pairs(cfg.n_ctx, limit) if w.W_pos is not None else []
+    default = _default_pair(task, cfg.n_ctx) if pairs else None
+    if default is not None and default not in pairs:
+        pairs = sorted(set(pairs) | {default})
+    n_sq = min(w.d_vocab, w.d_vocab_out)
+    rows = {(r["layer"], r["head"]): r for r in summary.get("heads", [])}
+    heads = []
+    for l in range(cfg.n_layers):
+        for h in range(cfg.n_heads):
+            fov = circuits.full_ov(model, l, h)
+            eig = circuits.FactoredMatrix(fov.A[:n_sq], fov.B[:, :n_sq]).eigenvalues
+            heads.append(HeadData(
+                layer=l, head=h, scores=rows.get((l, h), {}),
+                qk=_np(circuits.full_qk(model, l, h).AB[:nv, :nv], digits),
+                qk_pairs={(q, k): _np(circuits.full_qk(model, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
+                qk_default=default,
+                positional_qk=_np(circuits.positional_qk(model, l, h), digits) if w.W_pos is not None else None,
+                ov=_np(fov.AB[:nv, :nout], digits),
+                eigenvalues=np.asarray(eig.detach().cpu().numpy(), dtype=np.complex128),
+            ))
+    return heads
+
+
+def _mlp(model, summary: dict[str, Any], nv: int, nout: int, digits: int) -> MlpData:
+    """Neuron inputs at each position and without positions, neuron logits, the MLP analysis."""
+    has_pos = circuits.weights(model).W_pos is not None
+    ni = torch.stack([circuits.neuron_inputs(model, 0, pos=p if has_pos else None)
+                      for p in range(model.cfg.n_ctx if has_pos else 1)])       # [pos, v, m]
+    return MlpData(_np(ni[:, :nv], digits), _np(circuits.neuron_inputs(model, 0)[:nv], digits),
+                   _np(circuits.neuron_logits(model, 0)[:, :nout], digits), summary.get("mlp"))
 
 
 def _default_pair(task, n_ctx: int) -> tuple[int, int]:
