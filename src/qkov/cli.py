@@ -129,9 +129,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_tour(args) -> int:
+    from .config import parse_value
     from .tour import tour
 
-    result = tour(args.output, quiet=args.quiet)
+    sets = _parse_sets(args.sets)
+    other = sorted(k for k in sets if k not in ("threads", "train.threads"))
+    if other:
+        raise QkovError(f"qkov tour trains the reference settings and takes only --set threads=N; "
+                        f"got {', '.join(other)}")
+    threads = parse_value(sets.get("threads", sets.get("train.threads", "0")), 0, "threads")
+    result = tour(args.output, quiet=args.quiet, threads=threads)
     print(f"wrote {result.index} in {result.elapsed_s:.0f} s; reports: "
           + ", ".join(str(x.report) for x in result.entries))
     return 0
@@ -168,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("tour", help="train max, add and fib, analyse them and write reports with an index page")
     tr.add_argument("-o", "--output", metavar="DIR", default="tour", help="folder for runs and reports (default tour)")
     tr.add_argument("--quiet", action="store_true", help="no progress messages")
+    tr.add_argument("--set", dest="sets", action="append", default=[], metavar="threads=N",
+                    help="torch threads while training (default 0: chosen as each run trains)")
     tr.set_defaults(fn=cmd_tour)
     return p
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def _reusable(path: Path, rc: RunConfig) -> bool:
         old = read_config(path)
     except QkovError:
         return False                         # a damaged config: train() replaces the run
-    if not old.same_setup(rc):
+    if not old.same_setup(replace(rc, train=rc.train.replace(threads=old.train.threads))):  # threads: speed only
         raise QkovError(
             f"{path} holds a {old.task.name} run with a different setup from the tour's (seed {rc.seed}, "
             f"reference settings); delete {path} to retrain it, or pass another -o DIR"
@@ -100,9 +100,13 @@ def tour(
     steps: int | None = None,
     tasks: Sequence[str] = TOUR_TASKS,
     quiet: bool = False,
+    threads: int = 0,
 ) -> TourResult:
     """Train or reuse each of ``tasks`` (reference settings; ``steps`` overrides their step
-    counts, for quick looks), analyse it, write its report and ``out/index.html``.
+    counts, for quick looks), analyse it, write its report and ``out/index.html``. ``threads``
+    is ``TrainConfig.threads`` for the training (0: chosen as each run trains, see
+    :class:`qkov.threads.ThreadPolicy`); it changes how fast, never what is trained, so a run
+    trained with another count is reused.
 
     Progress goes to stderr unless ``quiet``. Returns a :class:`TourResult` with the timings.
     """
@@ -119,7 +123,7 @@ def tour(
     plans = []
     for name in tasks:
         task = get_task(name)
-        cfg = task.train_config() if steps is None else task.train_config().replace(steps=steps)
+        cfg = task.train_config().replace(threads=threads, **({} if steps is None else {"steps": steps}))
         rc = RunConfig(task, task.model_config(), cfg, seed)
         plans.append((name, task, rc, out / name, _reusable(out / name, rc)))
 
