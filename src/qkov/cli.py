@@ -128,6 +128,45 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import parse_grid, parse_seeds, sweep
+
+    try:
+        result = sweep(args.task, parse_seeds(args.seeds), parse_grid(args.sets), out=args.out, jobs=args.jobs,
+                       backend=args.backend, address=args.address, retries=args.retries, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("qkov: sweep interrupted; the runs already finished are kept: run the same command again to finish",
+              file=sys.stderr)
+        return 130
+    print(result.text())
+    return 1 if result.failed else 0
+
+
+def cmd_runs(args) -> int:
+    from . import registry
+
+    if args.rebuild:
+        if not registry.is_sweep_dir(args.dir):
+            raise QkovError(f"{args.dir} holds no runs to rebuild a registry from; expected a qkov sweep directory")
+        with registry.writer_lock(args.dir):
+            reg = registry.Registry(args.dir, write=True)
+            rows = reg.rebuild()
+            reg.close()
+    else:
+        if not registry.is_sweep_dir(args.dir):
+            raise QkovError(f"{args.dir} is not a sweep directory (no {registry.DB}, no run directories); "
+                            f"run one with: qkov sweep TASK --seeds 0:10 --out {args.dir}")
+        rows = registry.read_rows(args.dir)
+    rows = registry.query(rows, where=args.where, sort=args.sort)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        sys.stdout.write(registry.to_csv(rows))
+    else:
+        print(registry.to_table(rows) if rows else "no runs match")
+    return 0
+
+
 def cmd_tour(args) -> int:
     from .config import parse_value
     from .tour import tour
@@ -178,6 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", dest="sets", action="append", default=[], metavar="threads=N",
                     help="torch threads while training (default 0: chosen as each run trains)")
     tr.set_defaults(fn=cmd_tour)
+    sw = sub.add_parser("sweep", help="train and analyse a grid of seeds and settings; killed, it resumes when rerun")
+    sw.add_argument("task", help="add, fib, induction, max or modadd")
+    sw.add_argument("--seeds", required=True, metavar="A:B", help="seeds A..B-1 (or N, or a list: 0:10,42)")
+    sw.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a setting and its values (the grid is the product of all), e.g. --set lr=1e-3,3e-3")
+    sw.add_argument("--jobs", type=int, help="runs at a time (default: the cores, or the Ray cluster's CPUs)")
+    sw.add_argument("--backend", choices=("local", "ray", "serial"), default="local",
+                    help="local worker processes (default), Ray tasks, or one run at a time in this process")
+    sw.add_argument("--address", help="the Ray cluster to use (--backend ray), e.g. ray://head:10001 or auto")
+    sw.add_argument("--out", help="the sweep directory (default sweeps/TASK)")
+    sw.add_argument("--retries", type=int, default=2, help="tries after a failed run (default 2)")
+    sw.add_argument("--quiet", action="store_true", help="no line per finished run")
+    sw.set_defaults(fn=cmd_sweep)
+    ru = sub.add_parser("runs", help="the run registry of a sweep directory: one row per run")
+    ru.add_argument("dir")
+    ru.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="keep rows where KEY=VALUE (also !=, <, >, <=, >=), e.g. --where status=failed")
+    ru.add_argument("--sort", metavar="KEY", help="sort by KEY (--sort=-KEY: descending)")
+    fmt = ru.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    fmt.add_argument("--csv", action="store_true", help="print the rows as CSV")
+    ru.add_argument("--rebuild", action="store_true", help="rebuild the registry from the run directories first")
+    ru.set_defaults(fn=cmd_runs)
     return p
 
 

@@ -7,6 +7,8 @@ Layout of a run directory::
     metrics.jsonl                one JSON object per evaluation
     checkpoints/step_{N}.safetensors   weights every ``checkpoint_every`` steps
     train_state.safetensors      weights + optimizer + RNG state of the newest checkpoint, for --resume
+    summary.json                 qkov.analyze's summary (a sweep writes it beside each finished run)
+    sweep.json                   a sweep's record of the run: status, error, attempts, timings
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never
 leaves a file that fails to load. Nothing is ever unpickled: tensors load through safetensors.
@@ -44,6 +46,8 @@ MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.safetensors"
+SUMMARY = "summary.json"          # qkov.analyze's summary of the finished run (as `qkov analyze --json`)
+SWEEP_RECORD = "sweep.json"       # a sweep's record of the run: status, error, attempts, timings
 
 
 def _version() -> str:
@@ -394,8 +398,68 @@ def clear_outputs(path: str | Path) -> None:
     keeping config.json: the same setup is being trained again from scratch."""
     for _, f in checkpoint_paths(path):
         f.unlink()
-    for name in (MODEL, TRAIN_STATE, METRICS):
+    for name in (MODEL, TRAIN_STATE, METRICS, SUMMARY, SWEEP_RECORD):  # the old run's summary is stale
         (Path(path) / name).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------- summary and sweep record
+def _save_json(path: str | Path, name: str, obj: dict[str, Any]) -> None:
+    atomic_write_text(Path(path) / name, json.dumps(obj, indent=2) + "\n")
+
+
+def _load_json(path: str | Path, name: str) -> dict[str, Any] | None:
+    f = Path(path) / name
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QkovError(f"{f} is not valid JSON ({e}); it was edited: delete it and run the sweep again") from None
+    if not isinstance(d, dict):
+        raise QkovError(f"{f} does not hold a JSON object; it was edited: delete it and run the sweep again")
+    return d
+
+
+def save_summary(path: str | Path, summary: dict[str, Any]) -> None:
+    """Save ``qkov.analyze``'s summary (``Summary.to_dict()``) beside the run as ``summary.json``."""
+    _save_json(path, SUMMARY, summary)
+
+
+def load_summary(path: str | Path) -> dict[str, Any] | None:
+    """The run's saved ``summary.json`` (see :func:`save_summary`), or None when it has none."""
+    return _load_json(path, SUMMARY)
+
+
+def save_sweep_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Save a sweep's record of the run (``sweep.json``: status, error, attempts, timings)."""
+    _save_json(path, SWEEP_RECORD, record)
+
+
+def load_sweep_record(path: str | Path) -> dict[str, Any] | None:
+    """The run's ``sweep.json`` (see :func:`save_sweep_record`), or None when it has none."""
+    return _load_json(path, SWEEP_RECORD)
+
+
+def run_files(path: str | Path) -> dict[str, bytes]:
+    """Every file of the run in ``path`` as ``{relative path: bytes}``, for :func:`write_run_files`
+    to write elsewhere (a sweep's Ray task ships its run to the driver this way)."""
+    root = Path(path)
+    return {f.relative_to(root).as_posix(): f.read_bytes()
+            for f in sorted(root.rglob("*")) if f.is_file() and not f.name.endswith(".tmp")}
+
+
+def write_run_files(path: str | Path, files: dict[str, bytes]) -> None:
+    """Write a run's files (from :func:`run_files`) into ``path``, each atomically, after deleting
+    what an earlier attempt left there: config.json first (the folder is a run directory from then
+    on), ``sweep.json`` last (a run that has it is complete)."""
+    root = Path(path)
+    for name in files:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise QkovError(f"refusing to write {name!r} outside the run directory {root}")
+    if is_run_dir(root):
+        clear_outputs(root)
+    for name in sorted(files, key=lambda n: (n == SWEEP_RECORD, n != CONFIG, n)):
+        atomic_write_bytes(root / name, files[name])
 
 
 # ----------------------------------------------------------------- training state

@@ -48,8 +48,17 @@ def write_report(
     ``out`` defaults to ``<run dir>/report.html``. ``png``: also write each figure as a PNG into
     that folder. ``summary`` reuses a ``qkov.analyze(...).to_dict()``; ``token_labels`` and
     ``title`` override the task's labels and the page title (both are HTML-escaped). The page is
-    written atomically: an error leaves no partial file. Returns the page's path.
+    written atomically: an error leaves no partial file. Returns the page's path. A sweep
+    directory (``qkov sweep``'s ``--out``) gets the sweep page instead (:mod:`.sweep`).
     """
+    from ..registry import is_sweep_dir
+
+    if isinstance(run, (str, Path)) and is_sweep_dir(run):
+        if png is not None:
+            raise QkovError(f"--png draws one run's figures; pass one run's directory ({run}/NAME), not the sweep's")
+        from .sweep import write_sweep_report
+
+        return write_sweep_report(run, out)
     if png is not None:
         from .png import require_matplotlib
 
