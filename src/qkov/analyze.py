@@ -112,7 +112,7 @@ def max_attention_facts(model, task: Task) -> dict[str, Any]:
     """For ``max``: how often each scored position's most-attended key holds the maximum so far,
     the attention weight on maximal keys, and the QK rank correlation of key value vs score."""
     tokens = task.eval_batch().tokens.to(model_device(model))
-    _, cache = model.run_with_cache(tokens, names="blocks.0.attn.hook_pattern")
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
     pattern = cache["blocks.0.attn.hook_pattern"]                     # [b, h, q, k]
     running_max = tokens.cummax(1).values                              # [b, q]
     is_max = tokens[:, None, :] == running_max[:, :, None]              # [b, q, k]: key holds the max so far

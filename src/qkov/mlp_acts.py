@@ -39,10 +39,10 @@ def neuron_activations(model, task, layer: int = 0, hook: str = "post") -> tuple
                         f"so layer must be in 0..{n_layers - 1}")
     tokens = task.dataset("all").tokens.to(model_device(model))
     name = f"blocks.{layer}.mlp.hook_{hook}"
-    if hasattr(model.cfg, "normalization"):                                     # qkov
-        _, cache = model.run_with_cache(tokens, names=[name])
-    else:                                                                       # TransformerLens
-        _, cache = model.run_with_cache(tokens, names_filter=name)
+    attn_only = QkovError("neuron activations need an MLP, but this model is attention-only (d_mlp=None)")
+    if name not in getattr(model, "hook_dict", {name: None}):           # qkov and TransformerLens alike
+        raise attn_only
+    _, cache = model.run_with_cache(tokens, names_filter=[name])
     if name not in cache:
-        raise QkovError("neuron activations need an MLP, but this model is attention-only (d_mlp=None)")
+        raise attn_only
     return tokens, cache[name][:, task.scored_positions]

@@ -12,7 +12,6 @@ position, h = head, e = d_head, d = d_model, m = d_mlp, v = vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,32 +19,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import QkovError
-
-Cache = dict[str, Tensor]
-
-
-class _Recorder:
-    """Collects activations under hook names, keeping only those the filter asks for."""
-
-    def __init__(self, names: Iterable[str] | Callable[[str], bool] | str | None):
-        if names is None:
-            self.wants: Callable[[str], bool] = lambda n: True
-        elif callable(names):
-            self.wants = names
-        elif isinstance(names, str):
-            self.wants = lambda n, s=names: n == s
-        else:
-            wanted = set(names)
-            self.wants = wanted.__contains__
-        self.cache: Cache = {}
-
-    def __call__(self, name: str, x: Tensor) -> None:
-        if self.wants(name):
-            self.cache[name] = x
-
-
-def _no_record(name: str, x: Tensor) -> None:
-    pass
+from .hooks import ActiveHooks, Hooked, HookPoint
 
 
 class LayerNorm(nn.Module):
@@ -55,9 +29,15 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.ones(d_model))
         self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=1e-5)
+    def forward(self, x: Tensor, hooks: ActiveHooks | None = None) -> Tensor:
+        if hooks is None or not (hooks.wants(self.hook_scale) or hooks.wants(self.hook_normalized)):
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=1e-5)
+        x = x - x.mean(-1, keepdim=True)                                        # [..., d]
+        scale = hooks(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())   # [..., 1]
+        return hooks(self.hook_normalized, x / scale) * self.w + self.b
 
 
 class Attention(nn.Module):
@@ -78,6 +58,8 @@ class Attention(nn.Module):
         self.register_buffer("IGNORE", torch.tensor(-float("inf")))
         self.register_buffer("causal", torch.tril(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool)), persistent=False)
         self.scale = 1 / math.sqrt(e)
+        for name in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern", "hook_result"):
+            setattr(self, name, HookPoint())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Older TransformerLens releases store the causal mask itself ([n_ctx, n_ctx]); it is a
@@ -86,23 +68,32 @@ class Attention(nn.Module):
             state_dict[prefix + "mask"] = self.mask
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor, rec, prefix: str, query_pos: Tensor | None = None) -> Tensor:
-        xq = x if query_pos is None else x[:, query_pos]                       # [b, p, d]
+    def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, hooks: ActiveHooks | None,
+                query_pos: Tensor | None = None) -> Tensor:
+        """Inputs ``[b, p, d]`` (one stream for every head) or ``[b, p, h, d]`` (one per head,
+        when a hook edits ``hook_q_input``, ``hook_k_input``, ``hook_v_input`` or ``hook_attn_in``)."""
+        if query_pos is not None:
+            xq = xq[:, query_pos]                                               # [b, p, (h,) d]
         q = _heads_in(xq, self.W_Q, self.b_Q)                                   # [b, p, h, e]
-        k = _heads_in(x, self.W_K, self.b_K)                                    # [b, k, h, e]
-        v = _heads_in(x, self.W_V, self.b_V)                                    # [b, k, h, e]
-        rec(prefix + "hook_q", q)
-        rec(prefix + "hook_k", k)
-        rec(prefix + "hook_v", v)
+        k = _heads_in(xk, self.W_K, self.b_K)                                   # [b, k, h, e]
+        v = _heads_in(xv, self.W_V, self.b_V)                                   # [b, k, h, e]
+        if hooks is not None:
+            q, k, v = hooks(self.hook_q, q), hooks(self.hook_k, k), hooks(self.hook_v, v)
         scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale      # [b, h, p, k]
-        n = x.shape[1]
+        n = xk.shape[1]
         mask = self.causal[:n, :n] if query_pos is None else self.causal[query_pos, :n]
         scores = scores.masked_fill(~mask, self.IGNORE)
-        rec(prefix + "hook_attn_scores", scores)
+        if hooks is not None:
+            scores = hooks(self.hook_attn_scores, scores)
         pattern = scores.softmax(dim=-1)                                        # [b, h, p, k]
-        rec(prefix + "hook_pattern", pattern)
+        if hooks is not None:
+            pattern = hooks(self.hook_pattern, pattern)
         z = (pattern @ v.transpose(1, 2)).transpose(1, 2)                       # [b, p, h, e]
-        rec(prefix + "hook_z", z)
+        if hooks is not None:
+            z = hooks(self.hook_z, z)
+            if hooks.wants(self.hook_result):   # each head's write, computed only when asked for
+                result = hooks(self.hook_result, torch.einsum("bphe,hed->bphd", z, self.W_O))   # [b, p, h, d]
+                return result.sum(2) + self.b_O
         h, e, d = self.W_O.shape
         return z.reshape(*z.shape[:2], h * e) @ self.W_O.reshape(h * e, d) + self.b_O   # [b, p, d]
 
@@ -116,7 +107,10 @@ def heads_matrix(W: Tensor) -> Tensor:
 
 def _heads_in(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     """``x [b, p, d] @ W [h, d, e] + b [h, e]`` -> ``[b, p, h, e]`` as one matmul over all heads
-    (torch's CPU einsum for this took 40x longer at the induction model's sizes)."""
+    (torch's CPU einsum for this took 40x longer at the induction model's sizes); a per-head
+    input ``x [b, p, h, d]`` is projected head by head."""
+    if x.ndim == 4:
+        return torch.einsum("bphd,hde->bphe", x, W) + b
     h, _, e = W.shape
     return (x @ heads_matrix(W)).view(*x.shape[:-1], h, e) + b
 
@@ -129,12 +123,16 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.act = F.relu if cfg.act_fn == "relu" else F.gelu
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
 
-    def forward(self, x: Tensor, rec, prefix: str) -> Tensor:
+    def forward(self, x: Tensor, hooks: ActiveHooks | None) -> Tensor:
         pre = x @ self.W_in + self.b_in                                         # [b, p, m]
-        rec(prefix + "hook_pre", pre)
+        if hooks is not None:
+            pre = hooks(self.hook_pre, pre)
         post = self.act(pre)
-        rec(prefix + "hook_post", post)
+        if hooks is not None:
+            post = hooks(self.hook_post, post)
         return post @ self.W_out + self.b_out                                   # [b, p, d]
 
 
@@ -151,21 +149,62 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
         self._ln = ln
         self._mlp = cfg.d_mlp is not None
+        self.n_heads = cfg.n_heads
+        # TransformerLens's names, in its order; hook_mlp_in/out exist in attention-only blocks too.
+        names = ["hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in", "hook_attn_out",
+                 "hook_mlp_out", "hook_resid_pre"] + (["hook_resid_mid"] if self._mlp else []) + ["hook_resid_post"]
+        for name in names:
+            setattr(self, name, HookPoint())
 
-    def forward(self, resid: Tensor, rec, prefix: str, query_pos: Tensor | None = None) -> Tensor:
-        rec(prefix + "hook_resid_pre", resid)
-        x = self.ln1(resid) if self._ln else resid
-        attn_out = self.attn(x, rec, prefix + "attn.", query_pos)
-        rec(prefix + "hook_attn_out", attn_out)
+    def forward(self, resid: Tensor, hooks: ActiveHooks | None, query_pos: Tensor | None = None) -> Tensor:
+        if hooks is not None:
+            resid = hooks(self.hook_resid_pre, resid)
+        xq, xk, xv = self._attn_inputs(resid, hooks)
+        attn_out = self.attn(xq, xk, xv, hooks, query_pos)
+        if hooks is not None:
+            attn_out = hooks(self.hook_attn_out, attn_out)
         # Only the queried positions go on past attention (all of them when query_pos is None).
         resid = (resid if query_pos is None else resid[:, query_pos]) + attn_out
         if self._mlp:
-            rec(prefix + "hook_resid_mid", resid)
-            mlp_out = self.mlp(self.ln2(resid) if self._ln else resid, rec, prefix + "mlp.")
-            rec(prefix + "hook_mlp_out", mlp_out)
+            mlp_in = resid
+            if hooks is not None:
+                resid = mlp_in = hooks(self.hook_resid_mid, resid)
+                mlp_in = hooks(self.hook_mlp_in, _own(resid, hooks, self.hook_mlp_in))
+            mlp_out = self.mlp(self.ln2(mlp_in, hooks) if self._ln else mlp_in, hooks)
+            if hooks is not None:
+                mlp_out = hooks(self.hook_mlp_out, mlp_out)
             resid = resid + mlp_out
-        rec(prefix + "hook_resid_post", resid)
+        elif hooks is not None and (hooks.wants(self.hook_mlp_in) or hooks.wants(self.hook_mlp_out)):
+            # Attention-only: no MLP reads the stream (hook_mlp_in) and what it writes is zero.
+            hooks(self.hook_mlp_in, _own(resid, hooks, self.hook_mlp_in))
+            resid = resid + hooks(self.hook_mlp_out, torch.zeros_like(resid))
+        if hooks is not None:
+            resid = hooks(self.hook_resid_post, resid)
         return resid
+
+    def _attn_inputs(self, resid: Tensor, hooks: ActiveHooks | None) -> tuple[Tensor, Tensor, Tensor]:
+        """What the queries, keys and values read: one stream ``[b, p, d]``, or one per head
+        ``[b, p, h, d]`` (LayerNorm applied to each) when a hook edits a head's input."""
+        points = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if hooks is None or not any(hooks.edited(p) for p in (self.hook_attn_in, *points)):
+            if hooks is not None:        # recorded only: every head reads the same stream
+                for point in (self.hook_attn_in, *points):
+                    if hooks.wants(point):
+                        hooks(point, resid[:, :, None].expand(*resid.shape[:2], self.n_heads, resid.shape[2]))
+            x = self.ln1(resid, hooks) if self._ln else resid
+            return x, x, x
+        per_head = resid[:, :, None].repeat(1, 1, self.n_heads, 1)             # [b, p, h, d]
+        attn_in = hooks(self.hook_attn_in, per_head)
+        streams = [hooks(p, _own(attn_in, hooks, p)) for p in points]
+        if self._ln:
+            streams = [self.ln1(x, hooks) for x in streams]
+        return streams[0], streams[1], streams[2]
+
+
+def _own(x: Tensor, hooks: ActiveHooks, point: HookPoint) -> Tensor:
+    """``x``, copied when a hook edits ``point``: an edit in place there must not reach the other
+    readers of ``x`` (as TransformerLens clones ``hook_mlp_in``'s input)."""
+    return x.clone() if hooks.edited(point) else x
 
 
 class Embed(nn.Module):
@@ -185,20 +224,38 @@ class Unembed(nn.Module):
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_out))
         self.b_U = nn.Parameter(torch.zeros(cfg.vocab_out))
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
 
 
 def _stacked(module: str, name: str, shape: str) -> property:
     """A read-only property: every block's ``module.name`` stacked along a leading layer dim."""
-    return property(lambda self: self._stack(module, name), doc=f"``{name}`` of every layer, {shape} (detached).")
+    where = f"blocks[layer].{module}.{name}"
+    doc = (f"``{name}`` of every layer, {shape}: a stacked *copy* (detached). Writing into it "
+           f"(``model.{name}[0] = 0``) changes the copy, not the model; edit the parameter itself, "
+           f"``with torch.no_grad(): model.{where}[...] = 0``.")
+    return property(lambda self: self._stack(module, name), doc=doc)
 
 
-class Transformer(nn.Module):
+class Transformer(Hooked, nn.Module):
     """A decoder-only transformer with TransformerLens's parameter names, shapes and hook names.
+
+    Hooks (:class:`qkov.hooks.Hooked`) follow TransformerLens: ``model.run_with_hooks(tokens,
+    fwd_hooks=[(name, fn)])``, ``with model.hooks(fwd_hooks=...)``, ``model.run_with_cache(tokens,
+    names_filter=...)``; ``model.hook_dict`` holds every hook point TransformerLens defines for
+    the same architecture, and each fires when hooked (no ``use_attn_result``-style flags).
 
     >>> cfg = ModelConfig(n_layers=1, n_heads=1, d_model=32, d_vocab=64, n_ctx=6)
     >>> model = Transformer(cfg, seed=0)
     >>> model(torch.tensor([[3, 1, 4]])).shape
     torch.Size([1, 3, 64])
+
+    With the head's output zeroed, only the direct path is left:
+
+    >>> zero_head = lambda z, hook: torch.zeros_like(z)
+    >>> logits = model.run_with_hooks(torch.tensor([[3, 1, 4]]), fwd_hooks=[("blocks.0.attn.hook_z", zero_head)])
+    >>> torch.allclose(logits[0], (model.W_E[[3, 1, 4]] + model.W_pos[:3]) @ model.W_U + model.b_U)
+    True
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
@@ -210,6 +267,9 @@ class Transformer(nn.Module):
         if cfg.normalization == "LN":
             self.ln_final = LayerNorm(cfg.d_model)
         self.unembed = Unembed(cfg)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.setup_hooks()
         self.init_weights(seed)
 
     # ------------------------------------------------------------------ init
@@ -236,7 +296,8 @@ class Transformer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, tokens: Tensor, positions: Tensor | list[int] | None = None,
-                rows: Tensor | None = None) -> Tensor:
+                rows: Tensor | None = None, start_at_layer: int | None = None,
+                stop_at_layer: int | None = None) -> Tensor:
         """``tokens [batch, pos]`` -> logits ``[batch, pos, d_vocab_out]``.
 
         With ``positions`` (query positions, e.g. the ones a loss reads), the last layer attends,
@@ -245,47 +306,75 @@ class Transformer(nn.Module):
         boolean ``[batch, pos]`` mask (positions that vary by example, e.g. the repeated part of
         an induction sequence), only those rows are unembedded: logits ``[rows.sum(),
         d_vocab_out]``, equal to ``model(tokens)[rows]``.
+
+        As in TransformerLens, ``start_at_layer=l`` takes the residual stream before block ``l``
+        (``[batch, pos, d_model]``) in place of tokens, and ``stop_at_layer=l`` returns the
+        residual stream before block ``l`` instead of logits.
         """
-        return self._forward(tokens, _no_record, positions, rows)
+        return self._forward(tokens, self._active, positions, rows, start_at_layer, stop_at_layer)
 
-    def run_with_cache(
-        self, tokens: Tensor, names: Iterable[str] | Callable[[str], bool] | str | None = None
-    ) -> tuple[Tensor, Cache]:
-        """Logits and a dict of activations keyed by TransformerLens hook names.
-
-        ``names`` keeps only some activations: a hook name, a list of names, or a predicate.
-        """
-        rec = _Recorder(names)
-        logits = self._forward(tokens, rec, None)
-        return logits, rec.cache
-
-    def _forward(self, tokens: Tensor, rec, positions, rows: Tensor | None = None) -> Tensor:
-        tokens = self._check_tokens(tokens)
-        n = tokens.shape[1]
-        # F.embedding, not W_E[tokens]: indexing's backward accumulates with index_put_, whose
-        # order varies between runs with more than one thread; embedding's backward does not.
-        embed = F.embedding(tokens, self.embed.W_E)                             # [b, p, d]
-        pos_embed = self.pos_embed.W_pos[:n].expand_as(embed)                   # [b, p, d]
-        rec("hook_embed", embed)
-        rec("hook_pos_embed", pos_embed)
-        resid = embed + pos_embed
+    def _forward(self, tokens: Tensor, hooks: ActiveHooks | None, positions, rows: Tensor | None = None,
+                 start: int | None = None, stop: int | None = None) -> Tensor:
+        resid = self._embed(tokens, hooks) if start is None else self._check_resid(tokens, start)
         query_pos = None
         if positions is not None:
             query_pos = torch.as_tensor(positions, dtype=torch.long)
         last = self.cfg.n_layers - 1
         for layer, block in enumerate(self.blocks):
-            resid = block(resid, rec, f"blocks.{layer}.", query_pos if layer == last else None)
+            if start is not None and layer < start:
+                continue
+            if stop is not None and layer >= stop:
+                return resid
+            resid = block(resid, hooks, query_pos if layer == last else None)
+        if stop is not None:
+            return resid
         if rows is not None:
-            if positions is not None or rows.shape != tokens.shape:
-                raise QkovError(f"rows must be a boolean mask shaped like tokens {tuple(tokens.shape)}, "
+            if positions is not None or rows.shape != resid.shape[:2]:
+                raise QkovError(f"rows must be a boolean mask shaped like tokens {tuple(resid.shape[:2])}, "
                                 f"without positions; got {tuple(rows.shape)}")
             resid = resid[rows]                                                 # [n, d]
         if self.cfg.normalization == "LN":
-            resid = self.ln_final(resid)
-        return resid @ self.unembed.W_U + self.unembed.b_U                     # [b, p, v] or [n, v]
+            resid = self.ln_final(resid, hooks)
+        if hooks is None:
+            return resid @ self.unembed.W_U + self.unembed.b_U                 # [b, p, v] or [n, v]
+        resid = hooks(self.unembed.hook_in, resid)
+        return hooks(self.unembed.hook_out, resid @ self.unembed.W_U + self.unembed.b_U)
+
+    def _embed(self, tokens: Tensor, hooks: ActiveHooks | None) -> Tensor:
+        """Token plus positional embedding, ``[b, p, d]``: the residual stream before block 0."""
+        tokens = self._check_tokens(tokens)
+        # F.embedding, not W_E[tokens]: indexing's backward accumulates with index_put_, whose
+        # order varies between runs with more than one thread; embedding's backward does not.
+        embed = F.embedding(tokens, self.embed.W_E)                             # [b, p, d]
+        pos_embed = self.pos_embed.W_pos[:tokens.shape[1]].expand_as(embed)     # [b, p, d], a view
+        if hooks is not None:
+            embed = hooks(self.hook_embed, embed)
+            # A hook that edits in place gets its own copy, never a view of W_pos.
+            if hooks.edited(self.hook_pos_embed):
+                pos_embed = pos_embed.clone()
+            pos_embed = hooks(self.hook_pos_embed, pos_embed)
+        return embed + pos_embed
+
+    def _check_resid(self, resid: Tensor, start: int) -> Tensor:
+        if not 0 <= start < self.cfg.n_layers:
+            raise QkovError(f"start_at_layer={start} is out of range; this model has layers 0..{self.cfg.n_layers - 1}")
+        if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model or not resid.is_floating_point():
+            raise QkovError(f"with start_at_layer the input is the residual stream [batch, pos, "
+                            f"d_model={self.cfg.d_model}]; got {resid.dtype} of shape {tuple(resid.shape)}")
+        return resid
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
-        tokens = torch.as_tensor(tokens)
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and any(isinstance(t, str) for t in tokens)):
+            raise QkovError(
+                f"tokens must be integer ids shaped [batch, pos], not text; got {tokens!r:.60}. Pass a tensor "
+                f"of ids, e.g. torch.tensor([[35, 14, 47]]), or turn text into ids with the task's parse(text)"
+            )
+        try:
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise QkovError(
+                f"tokens must be integer ids shaped [batch, pos]; got {type(tokens).__name__} ({e})"
+            ) from None
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -314,6 +403,8 @@ class Transformer(nn.Module):
 
     @property
     def W_E(self) -> Tensor:            # [d_vocab, d_model]
+        """``embed.W_E`` detached: a view, so writing into it (under ``torch.no_grad()``) changes
+        the model. The stacked per-layer properties (``W_Q``, ``W_O``, ...) are copies instead."""
         return self.embed.W_E.detach()
 
     @property

@@ -34,7 +34,6 @@ These functions run the model (``run_with_cache``) but never train it; they acce
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -288,16 +287,6 @@ def _patterns(model: Any, tokens: Tensor, n_layers: int) -> Tensor:
     """
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
     device = model_device(model)
-    with torch.no_grad():
-        if _takes_names(model):  # qkov.Transformer.run_with_cache(tokens, names=...)
-            _, cache = model.run_with_cache(tokens.to(device), names=names)
-        else:                    # TransformerLens: hooks filtered by names_filter
-            _, cache = model.run_with_cache(tokens.to(device), names_filter=names)
+    with torch.no_grad():   # qkov and TransformerLens both filter by names_filter
+        _, cache = model.run_with_cache(tokens.to(device), names_filter=names)
     return torch.stack([cache[name].to(device=device, dtype=torch.float32) for name in names])
-
-
-def _takes_names(model: Any) -> bool:
-    try:
-        return "names" in inspect.signature(model.run_with_cache).parameters
-    except (TypeError, ValueError):
-        return False

@@ -1,0 +1,47 @@
+"""Shared by the hook, intervention and patching tests: a random TransformerLens model with
+non-trivial biases and LayerNorm parameters, and its qkov copy (``from_transformer_lens``)."""
+
+from __future__ import annotations
+
+import torch
+
+from qkov.interop import from_transformer_lens
+
+# Architectures both libraries represent: attention-only with and without LayerNorm, MLPs with
+# and without LayerNorm (gelu and relu), a non-square unembedding.
+ARCHS = {
+    "attn-only": dict(attn_only=True, normalization_type=None),
+    "attn-only-LN": dict(attn_only=True, normalization_type="LN"),
+    "mlp": dict(d_mlp=24, act_fn="gelu", normalization_type=None),
+    "mlp-LN": dict(d_mlp=24, act_fn="relu", normalization_type="LN", d_vocab_out=11),
+}
+
+
+def tl_pair(arch: str = "mlp-LN", seed: int = 0, dtype=torch.float64, **kw):
+    """``(tl_model, qkov_model)`` with the same weights, both in eval mode."""
+    import transformer_lens as tl
+
+    base = dict(n_layers=2, n_heads=3, d_model=16, d_head=5, d_mlp=None, d_vocab=13, n_ctx=7, act_fn="relu",
+                seed=seed, dtype=dtype, device="cpu")
+    cfg = tl.HookedTransformerConfig(**{**base, **ARCHS[arch], **kw})
+    model = tl.HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.split(".")[-1].startswith("W_"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model.eval(), from_transformer_lens(model)
+
+
+def tl_flags(model, on: bool = True):
+    """Every TransformerLens flag that makes an optional hook point fire."""
+    model.set_use_attn_result(on)
+    model.set_use_split_qkv_input(on)
+    if not model.cfg.attn_only:
+        model.set_use_hook_mlp_in(on)
+    return model
+
+
+def tokens_for(model, batch: int = 4, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.d_vocab, (batch, model.cfg.n_ctx), generator=gen)
