@@ -5,9 +5,10 @@ from ._version import __version__ as __version__  # written once, in _version.py
 from .analyze import Summary, analyze
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
-from .interop import from_transformer_lens
+from .interop import from_transformer_lens, to_transformer_lens
 from .model import Transformer
 from .store import Run, load, load_run
+from .sweep import sweep
 from .tasks import Task, get_task
 from .train import resume, train
 
@@ -23,5 +24,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelConfig", "QkovError", "Run", "Summary", "Task", "TrainConfig", "Transformer",
-    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "train", "write_report",
+    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "sweep",
+    "to_transformer_lens", "train", "write_report",
 ]

@@ -63,11 +63,45 @@ def cmd_train(args) -> int:
         if not args.task:
             raise QkovError("qkov train needs a TASK (add, fib, induction, max, modadd) or --resume DIR")
         task, model_cfg, train_cfg = configure(args.task, _parse_sets(args.sets), args.steps)
+        if args.show_config:
+            print(format_config(task, model_cfg, train_cfg))
+            return 0
         out = args.out or f"runs/{task.name}"
         run = train(task, out=out, seed=args.seed, model_config=model_cfg, train_config=train_cfg, quiet=args.quiet)
     print(format_eval(run.final, run.task.name))
+    print(format_target(run.metrics, run.config.train.target_accuracy, run.config.train.steps))
     print(f"saved to {out} (step {run.final['step']})")
     return 0
+
+
+def format_target(metrics: list[dict[str, Any]], target: float | None, steps: int) -> str:
+    """When the run's accuracy target was first reached (every group, as the trainer checks), or,
+    with no target set, when 99% was: the line that says how many steps were needed."""
+    from .evaluation import target_reached
+
+    bar = 0.99 if target is None else target
+    first = next((m["step"] for m in metrics if target_reached(m, bar)), None)
+    if target is not None:
+        if first is None:
+            return f"target accuracy {bar:g} not reached in {metrics[-1]['step']:,} steps"
+        return f"target accuracy {bar:g} first reached at step {first:,}; training stopped there"
+    if first is None:
+        return f"accuracy {bar:.0%} not reached (no --set target_accuracy; ran all {steps:,} steps)"
+    return (f"accuracy {bar:.0%} first reached at step {first:,} of {steps:,} "
+            f"(--set target_accuracy={bar:g} stops there)")
+
+
+def format_config(task, model_cfg, train_cfg) -> str:
+    """Every ``--set`` key of a run and the value it would use: task, model and train fields.
+    A model or train key that a task parameter shadows is shown with its prefix."""
+    lines = [f"qkov train {task.name}: every --set key and its value for this run"]
+    for scope, values in (("task", task.params), ("model", model_cfg.to_dict()), ("train", train_cfg.to_dict())):
+        lines.append(f"{scope}:")
+        for key, value in values.items():
+            shadowed = scope != "task" and key in task.params
+            value = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            lines.append(f"  {scope + '.' if shadowed else ''}{key}={value}")
+    return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
@@ -123,8 +157,23 @@ def cmd_analyze(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.dir, out=args.output, png=args.png)
+    path = write_report(args.dir, out=args.output, png=args.png, inputs=args.inputs)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f"; PNGs in {args.png}" if args.png else ""))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .show import show
+    from .store import load_run
+
+    loaded = load_run(args.dir)
+    shown = show(loaded.model, loaded.task, *args.inputs)
+    print(shown.to_json() if args.json else shown)
+    if args.html:
+        from .report import write_inputs_page
+
+        path = write_inputs_page(shown, args.html, title=f"qkov show: {loaded.task.name} ({args.dir})")
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -192,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, help="total optimizer steps (overrides the task's default)")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a task, model or train config field, e.g. --set p=23 --set lr=3e-3")
+                   help="override a task, model or train config field, e.g. --set p=23 --set lr=3e-3 "
+                        "(--show-config lists every key with its value)")
+    t.add_argument("--show-config", action="store_true",
+                   help="print every --set key of TASK with the value the run would use, and exit")
     t.add_argument("--resume", metavar="DIR", help="continue a stopped run bit-exactly")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
@@ -210,7 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", metavar="FILE", help="the HTML file (default DIR/report.html)")
     r.add_argument("--png", metavar="PNG_DIR",
                    help="also write each figure as a PNG into this folder (needs matplotlib)")
+    r.add_argument("--inputs", nargs="+", metavar="INPUT",
+                   help='examples whose attention the report draws, as the task writes them, e.g. "52 59" "46 41 41"')
     r.set_defaults(fn=cmd_report)
+    sh = sub.add_parser("show", help="what a trained model does on inputs you write: answer, top logits, attention")
+    sh.add_argument("dir")
+    sh.add_argument("inputs", nargs="+", metavar="INPUT", help='one example as the task writes it, e.g. "35 14 47 61 38 54"')
+    sh.add_argument("--json", action="store_true", help="print a JSON list, one object per input")
+    sh.add_argument("--html", metavar="FILE", help="also write every head's attention on the inputs as an HTML page")
+    sh.set_defaults(fn=cmd_show)
     tr = sub.add_parser("tour", help="train max, add and fib, analyse them and write reports with an index page")
     tr.add_argument("-o", "--output", metavar="DIR", default="tour", help="folder for runs and reports (default tour)")
     tr.add_argument("--quiet", action="store_true", help="no progress messages")

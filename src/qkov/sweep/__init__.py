@@ -25,6 +25,7 @@ again up to ``retries`` more times; the others go on.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -86,8 +87,6 @@ def _row_without_dir(p: Point, out: Path, record: dict[str, Any]) -> dict[str, A
 def _pool(backend: str, jobs: int | None, out: Path, address: str | None, retries: int, runtime_env):
     if backend == "ray":
         return RayPool(jobs, address, retries, runtime_env)
-    if address is not None:
-        raise QkovError("--address is for --backend ray; drop it, or pass --backend ray")
     if backend == "serial":
         import torch
 
@@ -165,6 +164,10 @@ def sweep(
         raise QkovError(f"retries={retries!r} must be an integer >= 0")
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise QkovError(f"jobs={jobs!r} must be a positive integer")
+    if address is not None and backend != "ray":
+        raise QkovError("--address is for --backend ray; drop it, or pass --backend ray")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise QkovError("--backend ray needs Ray, which is not installed; pip install 'qkov[ray]'")
     base = get_task(task) if isinstance(task, str) else task
     points = plan(base, list(seeds), grid)
     out = Path(out) if out is not None else Path("sweeps") / base.name

@@ -148,13 +148,17 @@ class RayPool:
     (``retries`` times); its files come back to the driver, so nodes need no shared filesystem."""
 
     def __init__(self, jobs: int | None, address: str | None, retries: int, runtime_env: dict | None = None):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if address is None and "ray" not in sys.modules:
+            # A one-machine cluster: Ray then binds every server to 127.0.0.1, not to the address
+            # other machines would reach it at (read when ray is imported).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray
         except ImportError:
             raise QkovError("--backend ray needs Ray, which is not installed; pip install 'qkov[ray]'") from None
         self.ray, self.started, self.retries = ray, False, retries
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             common = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": "warning"}
             try:
                 if address:
