@@ -7,6 +7,7 @@ from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .interop import from_transformer_lens, to_transformer_lens
 from .model import Transformer
+from .show import show
 from .store import Run, load, load_run
 from .sweep import sweep
 from .tasks import Task, get_task
@@ -24,6 +25,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelConfig", "QkovError", "Run", "Summary", "Task", "TrainConfig", "Transformer",
-    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "sweep",
+    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "show", "sweep",
     "to_transformer_lens", "train", "write_report",
 ]

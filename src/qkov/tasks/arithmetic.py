@@ -52,6 +52,28 @@ class MaxTask(Task):
     def group_of_position(self, pos: int) -> int:
         return pos + 1
 
+    # -- text: a list of numbers; the answer is its max, read at the last position ------------
+    @property
+    def input_help(self) -> str:
+        return (f"{self.min_len} to {self.max_len} numbers 0..{self.vocab - 1} separated by spaces, "
+                f"e.g. '{self._example_text()}'")
+
+    def check_input(self, text: str, tokens: list[int]) -> None:
+        self._check_length(text, tokens, self.min_len, self.max_len)
+
+    def answer_positions(self, tokens) -> list[int]:
+        return [len(tokens) - 1]
+
+    def expected(self, tokens) -> list[int | None]:
+        return [max(int(t) for t in tokens)]
+
+    def example_tokens(self, n: int) -> list[list[int]]:
+        """Eval lists cut to lengths spread from ``min_len`` to ``max_len`` (a list of length L
+        is answered at position L-1, so every length is worth seeing)."""
+        lo, hi = self.min_len, self.max_len
+        lengths = [hi] if n == 1 else [lo + round(i * (hi - lo) / (n - 1)) for i in range(n)]
+        return [t[:L].tolist() for t, L in zip(self.eval_batch().tokens, lengths)]
+
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layers=1, n_heads=1, d_model=32, d_mlp=None, d_vocab=self.vocab, n_ctx=self.max_len)
 
@@ -85,6 +107,22 @@ class AddTask(FiniteTask):
         keep = (a + b) <= self.max_sum
         tokens = torch.stack([a[keep], b[keep]], dim=1)
         return _fixed_targets(tokens, [1], tokens.sum(1)[:, None])
+
+    # -- text: "a b", answered with a + b -------------------------------------------------------
+    @property
+    def input_help(self) -> str:
+        return (f"two numbers with a sum of at most {self.max_sum}, e.g. "
+                f"'{self.max_sum * 2 // 5} {self.max_sum * 7 // 15}'")
+
+    def check_input(self, text: str, tokens: list[int]) -> None:
+        self._check_length(text, tokens, 2, 2)
+        if sum(tokens) > self.max_sum:
+            raise QkovError(f"input {text!r}: {tokens[0]} + {tokens[1]} = {sum(tokens)} is above max_sum="
+                            f"{self.max_sum}, the largest sum add answers; give two numbers with a sum of at "
+                            f"most {self.max_sum}")
+
+    def expected(self, tokens) -> list[int | None]:
+        return [int(tokens[0]) + int(tokens[1])]
 
     def model_config(self) -> ModelConfig:
         v = self.d_vocab
@@ -139,6 +177,25 @@ class FibTask(FiniteTask):
         pos = self.scored_positions
         return _fixed_targets(tokens, pos, tokens[:, [p + 1 for p in pos]])
 
+    # -- text: the first terms; each answer is the sum of the two terms before it ----------------
+    @property
+    def input_help(self) -> str:
+        start = [1, 2]
+        while len(start) < self.length and start[-1] + start[-2] <= self.max_value:
+            start.append(start[-1] + start[-2])
+        return (f"2 to {self.length} numbers 0..{self.max_value} separated by spaces, the first terms of a "
+                f"sequence in which each term is the sum of the two before, e.g. '{self.format(start)}'")
+
+    def check_input(self, text: str, tokens: list[int]) -> None:
+        self._check_length(text, tokens, 2, self.length)
+        for p, term in zip(self.answer_positions(tokens), self.expected(tokens)):
+            if term > self.max_value:
+                raise QkovError(f"input {text!r}: the next term {tokens[p - 1]} + {tokens[p]} = {term} is above "
+                                f"max_value={self.max_value}, the largest term fib answers; start with smaller numbers")
+
+    def expected(self, tokens) -> list[int | None]:
+        return [int(tokens[p - 1]) + int(tokens[p]) for p in self.answer_positions(tokens)]
+
     def group_name(self) -> str:
         return "position"
 
@@ -190,6 +247,24 @@ class ModAddTask(FiniteTask):
 
     def token_labels(self) -> list[str]:
         return [str(i) for i in range(self.p)] + ["="]
+
+    # -- text: "a b" or "a b =", answered with (a + b) mod p ---------------------------------------
+    @property
+    def input_help(self) -> str:
+        return f"two numbers 0..{self.p - 1} and '=' (which may be left out), e.g. '{self.p // 3} {self.p // 2} ='"
+
+    def parse(self, text: str) -> list[int]:
+        """``"a b ="`` (or ``"a b"``, ``=`` added) as ``[a, b, p]``."""
+        tokens = super().parse(text)
+        return tokens + [self.p] if len(tokens) == 2 else tokens
+
+    def check_input(self, text: str, tokens: list[int]) -> None:
+        self._check_length(text, tokens, 2, 3)
+        if self.p in tokens[:2] or (len(tokens) == 3 and tokens[2] != self.p):
+            raise QkovError(f"input {text!r}: '=' comes last, after two numbers; modadd reads {self.input_help}")
+
+    def expected(self, tokens) -> list[int | None]:
+        return [(int(tokens[0]) + int(tokens[1])) % self.p]
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(

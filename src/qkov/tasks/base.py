@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
+from .text import TaskText
 
 IGNORE = -100  # target value for positions whose loss is not read (as in F.cross_entropy)
 
@@ -37,8 +38,9 @@ class Batch:
         return Batch(self.tokens.to(device), self.targets.to(device), self.scored.to(device))
 
 
-class Task:
-    """Base class. Subclasses set ``name``, ``defaults`` and the sampling/dataset methods."""
+class Task(TaskText):
+    """Base class. Subclasses set ``name``, ``defaults`` and the sampling/dataset methods; how
+    an example is written as text (``parse``, ``format``, answers) comes from :class:`TaskText`."""
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]]

@@ -76,6 +76,28 @@ class InductionTask(Task):
         scored[:, half:-1] = True
         return Batch(tokens, targets, scored)
 
+    # -- text: any tokens; the answer is the prediction wherever a token has occurred before ------
+    @property
+    def input_help(self) -> str:
+        example = "7 3 9 1 7 3 9" if self.vocab > 9 else "0 1 0"
+        return (f"1 to {self.n_ctx} numbers 0..{self.vocab - 1} separated by spaces, with a stretch that "
+                f"repeats, e.g. '{example}'")
+
+    def answer_positions(self, tokens) -> list[int]:
+        """Positions whose token occurred earlier (where an induction head predicts what followed
+        it then); the last position when no token repeats."""
+        tokens = [int(t) for t in tokens]
+        return [i for i, t in enumerate(tokens) if t in tokens[:i]] or [len(tokens) - 1]
+
+    def expected(self, tokens) -> list[int | None]:
+        """The token that followed the latest earlier occurrence of each answer position's token."""
+        tokens = [int(t) for t in tokens]
+        out: list[int | None] = []
+        for i in self.answer_positions(tokens):
+            earlier = [j for j in range(i) if tokens[j] == tokens[i]]
+            out.append(tokens[earlier[-1] + 1] if earlier else None)
+        return out
+
     @torch.no_grad()
     def evaluate(self, model, batch: Batch | None = None) -> dict[str, Any]:
         """Accuracy and loss on the repeated part, the loss on the rest, and the ``[x, x]`` test."""
