@@ -13,8 +13,10 @@ import torch
 tl = pytest.importorskip("transformer_lens")
 
 import qkov.circuits as C  # noqa: E402
+from qkov.config import ModelConfig  # noqa: E402
 from qkov.errors import QkovError  # noqa: E402
-from qkov.interop import from_transformer_lens  # noqa: E402
+from qkov.interop import bridge_state, from_transformer_lens, tl_config, to_transformer_lens  # noqa: E402
+from qkov.model import Transformer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -169,3 +171,90 @@ def test_rms_models_are_refused_by_name():
 
 def test_attention_scale_is_read():
     assert C.weights(hooked(n_layers=1)).attn_scale == pytest.approx(math.sqrt(5))
+
+
+# ------------------------------------------------------------------ qkov -> TransformerLens -> qkov
+def qkov_model(seed=0, **cfg):
+    """A float32 qkov model with random weights, biases and LayerNorm parameters."""
+    base = dict(n_layers=2, n_heads=3, d_model=12, d_head=4, d_vocab=11, n_ctx=6)
+    model = Transformer(ModelConfig(**{**base, **cfg}), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.split(".")[-1].startswith("W_"):                 # biases and LN w, b
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+QKOV_CASES = {
+    "attn-only": dict(),
+    "mlp-gelu": dict(d_mlp=20, act_fn="gelu"),
+    "LN-mlp-relu-nonsquare": dict(d_mlp=16, normalization="LN", d_vocab_out=7),
+    "LN-attn-only-1-layer": dict(n_layers=1, normalization="LN"),
+}
+
+
+@pytest.mark.parametrize("kind", ["hooked", "bridge"])
+@pytest.mark.parametrize("case", list(QKOV_CASES), ids=list(QKOV_CASES))
+def test_to_transformer_lens_and_back_gives_the_same_logits(kind, case):
+    if kind == "bridge":
+        pytest.importorskip("transformer_lens.model_bridge")
+    model = qkov_model(seed=1, **QKOV_CASES[case])
+    tl_model = to_transformer_lens(model, kind=kind)
+    assert type(tl_model).__name__ == ("HookedTransformer" if kind == "hooked" else "TransformerBridge")
+    tokens = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(tl_model(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+        back = from_transformer_lens(tl_model)
+        torch.testing.assert_close(back(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    assert back.cfg.normalization == model.cfg.normalization and back.cfg.d_mlp == model.cfg.d_mlp
+    # The same circuits whichever library holds the weights.
+    torch.testing.assert_close(C.copying_scores(tl_model), C.copying_scores(model), rtol=1e-4, atol=1e-5)
+
+
+def test_a_trained_style_model_exports_by_default_as_a_hooked_transformer():
+    model = qkov_model(n_layers=1, n_heads=1, d_model=16, d_vocab=9, n_ctx=4)
+    tl_model = to_transformer_lens(model)                                # TransformerLens 3.9 here
+    assert isinstance(tl_model, tl.HookedTransformer)
+    assert tl_model.cfg.normalization_type is None and tl_model.cfg.attn_only
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(tl_model.state_dict()[name], p, rtol=0, atol=0)
+
+
+def test_tl_config_maps_every_field():
+    cfg = ModelConfig(n_layers=3, n_heads=2, d_model=8, d_head=5, d_mlp=24, d_vocab=30, d_vocab_out=20,
+                      n_ctx=9, act_fn="gelu", normalization="LN")
+    d = tl_config(cfg)
+    assert d == dict(n_layers=3, n_heads=2, d_model=8, d_head=5, d_mlp=24, d_vocab=30, d_vocab_out=20, n_ctx=9,
+                     act_fn="gelu", attn_only=False, normalization_type="LN", eps=1e-5, seed=0)
+    # Both TransformerLens configs take it and read the same shape back.
+    ht = tl.HookedTransformerConfig(**d)
+    assert (ht.d_head, ht.d_mlp, ht.d_vocab_out, ht.normalization_type, ht.eps) == (5, 24, 20, "LN", 1e-5)
+    bridge_cfg = pytest.importorskip("transformer_lens.config").TransformerBridgeConfig
+    bc = bridge_cfg.from_dict(d)
+    assert (bc.d_head, bc.d_mlp, bc.d_vocab_out, bc.normalization_type, bc.attn_only) == (5, 24, 20, "LN", False)
+    # Attention-only without LayerNorm says so: 4.x's config defaults to "LN".
+    d = tl_config(ModelConfig(d_model=16, d_vocab=10, n_ctx=4))
+    assert d["attn_only"] is True and d["normalization_type"] is None and d["d_mlp"] is None
+
+
+def test_bridge_state_has_the_linear_layouts():
+    model = qkov_model(d_mlp=20)
+    s = bridge_state(model.state_dict())
+    W_Q, W_O = model.blocks[1].attn.W_Q.detach(), model.blocks[1].attn.W_O.detach()   # [h, d, e], [h, e, d]
+    x = torch.randn(4, 12)
+    # nn.Linear computes x @ weight.T + bias: the same per-head projections, heads side by side.
+    torch.testing.assert_close(x @ s["blocks.1.attn.q.weight"].T, (x @ W_Q).permute(1, 0, 2).reshape(4, -1))
+    z = torch.randn(4, 3 * 4)
+    torch.testing.assert_close(z @ s["blocks.1.attn.o.weight"].T, z @ W_O.reshape(12, 12))
+    torch.testing.assert_close(s["unembed.weight"], model.unembed.W_U.detach().T)
+    assert not any(k.endswith((".mask", ".IGNORE")) for k in s)
+    with pytest.raises(QkovError, match="does not know where 'blocks.0.attn.W_X'"):
+        bridge_state({"blocks.0.attn.W_X": torch.zeros(1, 1)})
+
+
+def test_to_transformer_lens_refuses_what_is_not_a_qkov_model():
+    with pytest.raises(QkovError, match="takes a qkov.Transformer; got HookedTransformer"):
+        to_transformer_lens(hooked(n_layers=1))
+    with pytest.raises(QkovError, match="kind='tl5' must be"):
+        to_transformer_lens(qkov_model(), kind="tl5")
