@@ -93,6 +93,18 @@ def test_qk_terms_add_up_to_the_models_attention_scores():
     close(t.tok_tok.AB, w.W_E @ M @ w.W_E.T)
 
 
+def test_positions_are_optional_everywhere_as_in_full_qk(model):
+    # One convention: q_pos / k_pos default to None (no positional embedding), in every function.
+    for q, k in [(None, None), (3, None), (None, 2), (3, 2)]:
+        for bias in (False, True):
+            terms = C.qk_terms(model, 1, 0, q_pos=q, k_pos=k, include_bias=bias)
+            close(terms.total(), C.full_qk(model, 1, 0, q_pos=q, k_pos=k, include_bias=bias).to_dense())
+    assert float(C.qk_terms(model, 0, 0).pos_pos) == 0.0
+    close(C.key_rank_correlation(model, 1, 0), C.key_rank_correlation(model, 1, 0, None, None))
+    with pytest.raises(QkovError, match="k_pos=3 comes after q_pos=1"):
+        C.qk_terms(model, 0, 0, q_pos=1, k_pos=3)
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(normalization="LN", d_mlp=16), dict(d_mlp=16, d_vocab_out=10)])
 def test_logit_attribution_adds_up_to_the_logits(cfg):
     model = random_model(seed=1, **cfg)

@@ -247,7 +247,8 @@ CASES = [
     Case("FactoredMatrix.__matmul__", lambda e: (_fm(e) @ e.randn(12), _fm(e) @ e.randn(12, 3), _fm(e) @ _fm(e).T)),
     Case("FactoredMatrix.__rmatmul__", lambda e: (e.randn(12) @ _fm(e), e.randn(2, 12) @ _fm(e))),
     Case("FactoredMatrix.__mul__", lambda e: (_fm(e) * 2.0, -_fm(e))),
-    Case("FactoredMatrix.__getitem__", lambda e: _batched(e)[1, 0]),
+    Case("FactoredMatrix.__getitem__", lambda e: (_batched(e)[1, 0], _batched(e)[1, 0, 3], _fm(e)[2:5, [0, 4]])),
+    Case("FactoredMatrix.to_dense", lambda e: _batched(e).to_dense()),
     # the Fourier picture
     Case("fourier.fourier_basis", lambda e: fourier.fourier_basis(7, e.dtype, e.device)),
     Case("fourier.fft1d", lambda e: fourier.fft1d(e.randn(3, 7), dim=1)),

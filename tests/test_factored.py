@@ -135,8 +135,30 @@ def test_batch_indexing():
     fm, dense = make(0, (2, 3), 4, 2, 5)
     close(fm[1].AB, dense[1])
     close(fm[1, 2].AB, dense[1, 2])
-    with pytest.raises(QkovError, match="leading dimension"):
-        fm[0, 0, 0]
+    close(fm.to_dense(), dense)
+    with pytest.raises(QkovError, match="up to 4 indices"):
+        fm[0, 0, 0, 0, 0]
+
+
+@given(seeds, batches, dims, dims, dims)
+@SETTINGS
+def test_row_and_column_indexing_equals_the_dense_matrix(seed, batch, l, m, r):
+    fm, dense = make(seed, batch, l, m, r)
+    lead = (0,) * len(batch)
+    close(fm[lead + (l - 1,)], dense[lead + (l - 1,)])                 # a row: qk[61]
+    close(fm[lead + (-1, 0)], dense[lead + (-1, 0)])                   # one entry
+    close(fm[lead + (slice(1, None), [0, r - 1])], dense[lead + (slice(1, None),)][..., [0, r - 1]])
+    if not batch:
+        close(fm[0], dense[0])
+        assert isinstance(fm[0], torch.Tensor) and fm[0].shape == (r,)
+
+
+def test_bad_row_indices_say_the_range():
+    fm, _ = make(0, (), 4, 2, 5)
+    with pytest.raises(QkovError, match="row 4 is out of range for 4 rows"):
+        fm[4]
+    with pytest.raises(QkovError, match="column index must be"):
+        fm[0, "a"]
 
 
 def test_errors_say_what_was_given():

@@ -40,6 +40,18 @@ def _transpose(x: Tensor) -> Tensor:
     return x.transpose(-2, -1)
 
 
+def _one_or_many(i, n: int, what: str):
+    """A row or column index as one that keeps its dimension: an int ``i`` becomes ``i:i+1``."""
+    if isinstance(i, bool) or not isinstance(i, (int, slice, list, range, Tensor)):
+        raise QkovError(f"a FactoredMatrix {what} index must be an int, a slice, a list or a tensor; got {i!r}")
+    if isinstance(i, int):
+        if not -n <= i < n:
+            raise QkovError(f"{what} {i} is out of range for {n} {what}s")
+        i %= n
+        return slice(i, i + 1)
+    return i
+
+
 class FactoredMatrix:
     """The matrix ``A @ B``, stored as ``A [..., ldim, mdim]`` and ``B [..., mdim, rdim]``.
 
@@ -47,6 +59,17 @@ class FactoredMatrix:
     ``.eigenvalues``, ``.svd()``, ``.norm()``, ``@``), plus streaming row statistics
     (:meth:`topk_rows`, :meth:`diag_rank`, :meth:`diag_topk_fraction`) whose memory is bounded
     by ``CHUNK_ELEMENTS`` whatever the matrix's size.
+
+    Indexing: ``fm[layer, head]`` picks from the leading (batch) dimensions and stays factored;
+    indices past them pick rows, then columns, and return a dense tensor built from those rows
+    only (``qk[61]`` is row 61, ``qk[61, 3]`` one entry). :meth:`to_dense` (or ``.AB``) is the
+    whole matrix.
+
+    >>> fm = FactoredMatrix(torch.arange(6.0).reshape(3, 2), torch.ones(2, 4))
+    >>> fm[1]
+    tensor([5., 5., 5., 5.])
+    >>> fm[1:, 0].tolist(), fm.to_dense().shape
+    ([5.0, 9.0], torch.Size([3, 4]))
     """
 
     def __init__(self, A: Tensor, B: Tensor):
@@ -76,34 +99,42 @@ class FactoredMatrix:
     # ------------------------------------------------------------------ shape
     @property
     def ldim(self) -> int:
+        """Rows of ``A @ B``."""
         return self.A.shape[-2]
 
     @property
     def mdim(self) -> int:
+        """The inner dimension: the rank ``A @ B`` can have at most."""
         return self.A.shape[-1]
 
     @property
     def rdim(self) -> int:
+        """Columns of ``A @ B``."""
         return self.B.shape[-1]
 
     @property
     def batch_shape(self) -> torch.Size:
+        """The leading dimensions (e.g. ``[n_layers, n_heads]``)."""
         return self.A.shape[:-2]
 
     @property
     def shape(self) -> torch.Size:
+        """``batch_shape + (ldim, rdim)``: the shape ``A @ B`` would have."""
         return self.batch_shape + (self.ldim, self.rdim)
 
     @property
     def ndim(self) -> int:
+        """``len(shape)``."""
         return len(self.shape)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The factors' dtype."""
         return self.A.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the factors live (results are computed and returned there)."""
         return self.A.device
 
     def __repr__(self) -> str:
@@ -115,6 +146,10 @@ class FactoredMatrix:
         """The full matrix ``[..., ldim, rdim]``: may be huge (this is what the class avoids)."""
         return self.A @ self.B
 
+    def to_dense(self) -> Tensor:
+        """The full matrix ``[..., ldim, rdim]`` as a tensor (the same as :attr:`AB`)."""
+        return self.AB
+
     @property
     def BA(self) -> Tensor:
         """The small reverse product ``[..., mdim, mdim]``; needs a square matrix (ldim == rdim)."""
@@ -123,6 +158,7 @@ class FactoredMatrix:
 
     @property
     def T(self) -> FactoredMatrix:
+        """The transpose, still factored: ``Bᵀ @ Aᵀ``."""
         return FactoredMatrix(_transpose(self.B), _transpose(self.A))
 
     def __matmul__(self, other):
@@ -161,15 +197,27 @@ class FactoredMatrix:
     def __neg__(self) -> FactoredMatrix:
         return self * -1
 
-    def __getitem__(self, idx) -> FactoredMatrix:
-        """Index the leading (batch) dimensions only: ``fm[layer, head]``."""
+    def __getitem__(self, idx) -> FactoredMatrix | Tensor:
+        """``fm[layer, head]``: a FactoredMatrix (leading dimensions); one or two indices more
+        pick rows and columns and give a dense tensor of just those entries (``qk[61]``)."""
         idx = idx if isinstance(idx, tuple) else (idx,)
-        if len(idx) > len(self.batch_shape):
+        nb = len(self.batch_shape)
+        if any(i is None or i is Ellipsis for i in idx) or len(idx) > nb + 2:
             raise QkovError(
-                f"FactoredMatrix indexing applies to its {len(self.batch_shape)} leading dimension(s) "
-                f"{tuple(self.batch_shape)}; got {len(idx)} indices. Use .rows() or .AB for entries"
+                f"FactoredMatrix {tuple(self.shape)} takes up to {nb + 2} indices (its {nb} leading "
+                f"dimension(s), then row, then column), without ... or None; got {idx!r}"
             )
-        return FactoredMatrix(self.A[idx], self.B[idx])
+        if len(idx) <= nb:
+            return FactoredMatrix(self.A[idx], self.B[idx])
+        fm = self[idx[:nb]] if nb else self
+        rows, cols = idx[nb], idx[nb + 1] if len(idx) == nb + 2 else slice(None)
+        r, c = _one_or_many(rows, fm.ldim, "row"), _one_or_many(cols, fm.rdim, "column")
+        out = fm.A[..., r, :] @ fm.B[..., :, c]                       # [..., rows, cols]
+        if isinstance(rows, int):
+            out = out.squeeze(-2)
+        if isinstance(cols, int):
+            out = out.squeeze(-1)
+        return out
 
     def unsqueeze(self, dim: int) -> FactoredMatrix:
         """Add a leading dimension at ``dim`` (counted among the batch dimensions, >= 0)."""

@@ -7,6 +7,11 @@ when a position is given. Every circuit is a :class:`FactoredMatrix`, never a de
 ``d_vocab × d_vocab`` matrix. QK circuits are the raw bilinear form: the model divides attention
 scores by ``weights(model).attn_scale`` (``sqrt(d_head)``).
 
+Positions, one convention for every function: ``pos`` (OV side, direct path) and ``q_pos`` /
+``k_pos`` (QK side) are optional keywords, default ``None``. ``None`` leaves the positional
+embedding out (the token-only circuit, what MFTC draws); an integer adds ``W_pos[pos]`` to the
+token embeddings, and ``k_pos`` may not come after ``q_pos`` (causal attention never reads it).
+
 ``include_bias=True`` folds biases in with the framework's trick: the residual stream gains a
 constant-1 coordinate, ``W_Q`` gains ``b_Q`` as an extra row (so ``[x, 1] W_Q' = x W_Q + b_Q``),
 likewise ``W_K, W_V`` and ``W_U``. A head's OV output keeps 0 in that coordinate (it adds to the
@@ -139,19 +144,30 @@ class QKTerms:
 
 
 def qk_terms(
-    model, layer: int, head: int, q_pos: int, k_pos: int, include_bias: bool = False, scaled: bool = False
+    model, layer: int, head: int, q_pos: int | None = None, k_pos: int | None = None,
+    include_bias: bool = False, scaled: bool = False,
 ) -> QKTerms:
     """Split the attention score of (query token at ``q_pos``, key token at ``k_pos``) in four.
 
+    A position left ``None`` contributes nothing (its positional terms are zero), as in
+    :func:`full_qk`: ``qk_terms(...).total()`` equals ``full_qk(...)`` with the same positions.
     ``scaled=True`` divides every term by ``attn_scale`` so they add up to the model's layer-0
     attention scores (for a model without LayerNorm; with it, to scores before the LN scale).
+
+    >>> import qkov
+    >>> model = qkov.Transformer(qkov.ModelConfig(n_layers=1, n_heads=1, d_model=8, d_vocab=5, n_ctx=4))
+    >>> t = qk_terms(model, 0, 0, q_pos=3, k_pos=1)
+    >>> torch.allclose(t.total(), full_qk(model, 0, 0, q_pos=3, k_pos=1).to_dense(), atol=1e-5)
+    True
+    >>> float(qk_terms(model, 0, 0).pos_pos)          # no positions: only the token-token term
+    0.0
     """
     w = weights(model)
     _check_causal(q_pos, k_pos)
-    q, k = w.check_pos(q_pos, "q_pos"), w.check_pos(k_pos, "k_pos")
     M = qk(w, layer, head, include_bias)                              # [d(+1), d(+1)]
     E = w.W_E
-    pq, pk = w.W_pos[q], w.W_pos[k]                                   # [d]
+    pq, pk = (E.new_zeros(E.shape[1]) if p is None else w.W_pos[w.check_pos(p, name)]   # [d]
+              for p, name in ((q_pos, "q_pos"), (k_pos, "k_pos")))
     if include_bias:
         E = torch.cat([E, E.new_zeros(E.shape[0], 1)], dim=1)         # tokens carry no 1 ...
         pq, pk = torch.cat([pq, pq.new_ones(1)]), torch.cat([pk, pk.new_ones(1)])  # ... positions do
@@ -254,8 +270,8 @@ def key_rank_correlation(
     model,
     layer: int,
     head: int,
-    q_pos: int | None,
-    k_pos: int | None,
+    q_pos: int | None = None,
+    k_pos: int | None = None,
     per_query: bool = False,
     tokens: Sequence[int] | Tensor | None = None,
 ) -> Tensor:
@@ -267,6 +283,12 @@ def key_rank_correlation(
     every id, value = id); they are both the queries and the keys. Returns the mean over query
     tokens (0-d), or ``[len(tokens)]`` with ``per_query=True``. Close to 1: "higher tokens get
     more attention" at that (query position, key position). Ties are ranked in index order.
+    Positions as in :func:`full_qk` (None: the token-only circuit).
+
+    >>> import qkov
+    >>> model = qkov.Transformer(qkov.ModelConfig(n_layers=1, n_heads=1, d_model=8, d_vocab=5, n_ctx=4))
+    >>> key_rank_correlation(model, 0, 0).shape, key_rank_correlation(model, 0, 0, q_pos=3, k_pos=3).shape
+    (torch.Size([]), torch.Size([]))
     """
     w = weights(model)
     fm = full_qk(w, layer, head, q_pos, k_pos)

@@ -72,10 +72,12 @@ class Weights:
 
     @property
     def attn_only(self) -> bool:
+        """True when the model has no MLPs."""
         return self.W_in is None
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
         return self.W_E.dtype
 
     @property
@@ -93,12 +95,16 @@ class Weights:
 
     # ---------------------------------------------------------- argument checks
     def check_layer(self, layer: Any) -> int:
+        """``layer`` as an index into ``0..n_layers-1``, or a QkovError."""
         return _check_index("layer", layer, self.n_layers, "n_layers")
 
     def check_head(self, head: Any) -> int:
+        """``head`` as an index into ``0..n_heads-1``, or a QkovError."""
         return _check_index("head", head, self.n_heads, "n_heads")
 
     def check_pos(self, pos: Any, name: str = "pos") -> int:
+        """``pos`` as an index into ``0..n_ctx-1``; a QkovError when out of range or when the
+        model has no learned positional embeddings."""
         if self.W_pos is None:
             raise QkovError(
                 f"{name}={pos} needs learned positional embeddings (W_pos), but this model has none "
@@ -107,6 +113,7 @@ class Weights:
         return _check_index(name, pos, self.n_ctx, "n_ctx")
 
     def need_mlp(self, what: str) -> None:
+        """A QkovError naming ``what`` when the model has no MLP."""
         if self.W_in is None:
             raise QkovError(f"{what} needs an MLP, but this model is attention-only (d_mlp=None)")
 
