@@ -166,3 +166,30 @@ def test_table_plan_loss_and_grads_equal_the_plain_plan(no_native):
         assert fast_grads.keys() == plain_grads.keys()
         for n in plain_grads:
             torch.testing.assert_close(fast_grads[n], plain_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_losses_are_never_below_zero_even_when_the_model_is_sure():
+    # A converged model puts nearly all its mass on the answer; rounding once made its NLL
+    # -4e-6 (and a converged modadd run recorded a loss of -7.8e-8).
+    import torch.nn.functional as F
+
+    from qkov.tasks import nll_and_prediction
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 23, generator=g) * 3
+    logits[:, 5] += 20 + 40 * torch.rand(20000, generator=g)
+    targets = torch.full((20000,), 5)
+    nll, _ = nll_and_prediction(logits, targets)
+    assert (nll >= 0).all()
+    ref = F.cross_entropy(logits.double(), targets, reduction="none")
+    torch.testing.assert_close(nll.double(), ref, atol=1e-5, rtol=0)
+    # Every plan, on a max model made sure of its own predictions (the C kernel where it is built).
+    task = get_task("max")
+    model = Transformer(task.model_config(), seed=0)
+    with torch.no_grad():
+        model.unembed.W_U.mul_(300)
+    batch = task.sample(512, g)
+    answers = model(batch.tokens, positions=task.scored_positions).argmax(-1)      # [b, p]
+    for p in (plan(model, task), Plan(model, task.scored_positions, task.loss)):
+        nll, pred = p.nll_and_prediction(batch.tokens, answers)
+        assert (nll >= 0).all() and (pred == answers).all(), p.kind

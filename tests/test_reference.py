@@ -53,3 +53,23 @@ def test_induction_loss_is_far_lower_on_the_repeats(trained):
     assert m["loss"] < 0.2 * m["loss_rest"], m
     # The standard test, [x, x] with x random: the second half against the first.
     assert m["repeated"]["loss"] < 0.2 * m["repeated"]["loss_first_half"], m["repeated"]
+
+
+def test_a_converged_run_records_no_negative_loss(small_modadd):
+    """Every loss the trainer recorded (eval and train, overall and per group) and the Fourier
+    losses of the grokked model are >= 0: log-sum-exp minus the answer's logit never rounds below."""
+    from qkov.fourier import modular_analysis
+
+    def losses(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if "loss" in k and isinstance(v, float):
+                    yield k, v
+                yield from losses(v)
+
+    found = [kv for row in small_modadd.metrics for kv in losses(row)]
+    assert len(found) >= 2 * len(small_modadd.metrics) - 1           # loss and train_loss in every row
+    assert all(v >= 0 for _, v in found), [kv for kv in found if kv[1] < 0][:5]
+    assert small_modadd.metrics[-1]["loss"] < 1e-2                    # converged: the clamp had rounding to fix
+    fourier = modular_analysis(small_modadd.model, small_modadd.task)
+    assert all(v >= 0 for k, v in fourier.items() if "loss" in k and v is not None), fourier

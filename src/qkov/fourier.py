@@ -37,6 +37,13 @@ from .devices import model_device
 from .errors import QkovError
 from .mlp_acts import neuron_activations
 
+__all__ = [
+    "FVE_THRESHOLD", "InputSpectrum", "NeuronFrequencies", "basis_names", "excluded_logits", "excluded_loss",
+    "fft1d", "fft2d", "fourier_basis", "frequency_overlap", "frequency_rows", "key_frequencies", "logit_fve",
+    "mlp_summary", "modular_analysis", "neuron_frequencies", "neuron_grid", "neuron_input_spectrum", "pair_logits",
+    "restricted_logits", "restricted_loss", "train_mask",
+]
+
 FVE_THRESHOLD = 0.85  # the paper's bar for a neuron "well explained" by one frequency
 
 
@@ -261,7 +268,7 @@ def _loss(logits: Tensor, mask: Tensor | None = None) -> float:
     s = torch.arange(p, device=logits.device)
     target = ((s[:, None] + s[None, :]) % p).reshape(-1)
     lp = F.log_softmax(logits.double().reshape(p * p, p), dim=-1)
-    nll = -lp.gather(1, target[:, None])[:, 0]
+    nll = (-lp.gather(1, target[:, None])[:, 0]).clamp(min=0)                  # a loss is never below 0
     return float(nll.mean() if mask is None else nll[mask.reshape(-1).to(logits.device)].mean())
 
 

@@ -104,7 +104,8 @@ def loss_and_grads(tables, tokens: Tensor, targets: Tensor, pos: Tensor, grads) 
         if g.shape != t.shape:
             raise ValueError(f"gradient buffer {tuple(g.shape)} does not match its table {tuple(t.shape)}")
     args = _checked(tables, tokens, targets, pos, tuple(grads))
-    return _native.loss_and_grads(*args, *(g.data_ptr() for g in grads), 0)
+    loss = _native.loss_and_grads(*args, *(g.data_ptr() for g in grads), 0)
+    return max(loss, 0.0) if loss == loss else loss      # rounding never reports a loss below 0; NaN stays
 
 
 def nll_and_prediction(tables, tokens: Tensor, targets: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,4 +115,4 @@ def nll_and_prediction(tables, tokens: Tensor, targets: Tensor, pos: Tensor) -> 
     pred = torch.empty(targets.shape, dtype=torch.int64)
     args = _checked(tables, tokens, targets, pos)
     _native.nll_and_prediction(*args, nll.data_ptr(), pred.data_ptr(), 0, 0)
-    return nll, pred
+    return nll.clamp_(min=0), pred                       # as tasks.nll_and_prediction: never below 0

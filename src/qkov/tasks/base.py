@@ -38,6 +38,17 @@ class Batch:
         return Batch(self.tokens.to(device), self.targets.to(device), self.scored.to(device))
 
 
+@dataclass(frozen=True)
+class AnswerRule:
+    """The answer at the last position of every input of each length is ``reduce`` of its
+    tokens (``"max"``: the largest), for all ``d_vocab ** length`` inputs: what lets a proof check
+    a model over every input without running them (``qkov.certify``)."""
+
+    reduce: str                 # "max"
+    lengths: tuple[int, ...]    # the input lengths the task scores
+    d_vocab: int                # inputs range over tokens 0..d_vocab-1
+
+
 class Task(TaskText):
     """Base class. Subclasses set ``name``, ``defaults`` and the sampling/dataset methods; how
     an example is written as text (``parse``, ``format``, answers) comes from :class:`TaskText`."""
@@ -79,6 +90,7 @@ class Task(TaskText):
         return f"get_task({self.name!r}, {args})"
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **params}``: what ``config.json`` stores (``task_from_dict`` reads it)."""
         return {"name": self.name, **self.params}
 
     # -- subclass hooks -------------------------------------------------------
@@ -87,14 +99,17 @@ class Task(TaskText):
 
     @property
     def seq_len(self) -> int:
+        """The longest sequence the task makes (a model needs ``n_ctx >= seq_len``)."""
         raise NotImplementedError
 
     @property
     def d_vocab(self) -> int:
+        """How many input token ids the task uses (``0..d_vocab-1``)."""
         raise NotImplementedError
 
     @property
     def d_vocab_out(self) -> int:
+        """How many output classes the answers need (default: ``d_vocab``)."""
         return self.d_vocab
 
     @property
@@ -103,16 +118,33 @@ class Task(TaskText):
         return None
 
     def model_config(self) -> ModelConfig:
+        """The reference model for this task (the published setup the defaults reproduce)."""
         raise NotImplementedError
 
     def train_config(self) -> TrainConfig:
+        """The reference training settings for this task."""
         raise NotImplementedError
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        raise NotImplementedError(f"task '{self.name}' has a fixed data set; use dataset('train')")
+        """``n`` fresh examples drawn with ``generator``, for tasks without a fixed data set.
+
+        >>> from qkov.tasks import get_task
+        >>> batch = get_task("max").sample(4, torch.Generator().manual_seed(0))
+        >>> batch.tokens.shape, batch.targets.shape, batch.scored.dtype     # [batch, pos] each
+        (torch.Size([4, 6]), torch.Size([4, 6]), torch.bool)
+        """
+        raise QkovError(f"task '{self.name}' has a fixed data set; use dataset('train')")
 
     def dataset(self, split: str = "train") -> Batch:
-        raise NotImplementedError(f"task '{self.name}' samples its data; use sample(n, generator)")
+        """The fixed examples of a finite task: ``"train"``, ``"test"`` or ``"all"`` (the split comes
+        from the task's own ``split_seed``, never the training seed).
+
+        >>> from qkov.tasks import get_task
+        >>> task = get_task("modadd", p=5, train_frac=0.6)
+        >>> len(task.dataset("all")), len(task.dataset("train")), len(task.dataset("test"))
+        (25, 15, 10)
+        """
+        raise QkovError(f"task '{self.name}' samples its data; use sample(n, generator)")
 
     def token_labels(self) -> list[str]:
         """A label per input token id, for plots."""
@@ -123,7 +155,13 @@ class Task(TaskText):
         return None
 
     def group_of_position(self, pos: int) -> int:
+        """The group (a length or a position) that accuracy at query position ``pos`` counts toward."""
         return pos
+
+    def answer_rule(self) -> AnswerRule | None:
+        """The rule that gives every input's answer, when proofs over all inputs can use it
+        (``qkov.certify``); None, the default, when there is no such rule."""
+        return None
 
     # -- shared machinery ----------------------------------------------------
     def check_model(self, cfg: ModelConfig) -> None:
@@ -317,7 +355,18 @@ def nll_and_prediction(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]
     """``-log_softmax(logits)[target]`` and ``logits.argmax(-1)`` (the first maximum, as torch
     breaks ties) over the last dim, from vectorised passes: on CPU, ``argmax`` over a short last
     dim runs element by element (14x slower than ``amax`` on ``max``'s eval set), and ``exp2``
-    runs twice as fast as ``exp``. Ignored targets (``IGNORE``) read class 0."""
+    runs twice as fast as ``exp``. Ignored targets (``IGNORE``) read class 0.
+
+    The NLL is never below zero: it is summed as ``(max - picked) + log Σ exp(x - max)``, the
+    exact non-negative gap first (``(log Σ + max) - picked`` had lost ``max``'s last bits: a
+    converged model scored -4e-6), and the sum, which rounding can leave a hair under 1 for a
+    confident row, is clamped at 0.
+
+    >>> logits = torch.tensor([[60.0, 0.0, -3.0], [1.0, 2.0, 2.0]])
+    >>> nll, pred = nll_and_prediction(logits, torch.tensor([0, 1]))
+    >>> bool((nll >= 0).all()), float(nll[0]) < 1e-5, pred.tolist()     # confident and right; a tie: the first
+    (True, True, [0, 1])
+    """
     V = logits.shape[-1]
     work = torch.empty_like(logits)
     top = logits.amax(-1, keepdim=True)                                         # [..., 1]
@@ -327,7 +376,7 @@ def nll_and_prediction(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]
     pred = (V - first).long()
     total = torch.add(top * -_LOG2E, logits, alpha=_LOG2E, out=work).exp2_().sum(-1)   # Σ exp(x - max)
     picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return total.log_().add_(top[..., 0]).sub_(picked), pred
+    return (top[..., 0] - picked).add_(total.log_()).clamp_(min=0), pred
 
 
 def as_index(positions: list[int]) -> slice | list[int]:
