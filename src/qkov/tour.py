@@ -8,9 +8,11 @@ are periodic in the token value and the two models share frequencies.
 
 Layout of ``out``::
 
-    index.html                 the story, with links to the reports
+    index.html                 the story, with links to the reports and a thumbnail of each
+    plotly.min.js              plotly.js, once, shared by the reports (no network needed)
     max/ add/ fib/             run directories (config.json, model.safetensors, ...)
     max/report.html ...        one report per model
+    max/thumbnail.png ...      its key figure, small (qkov.report.key_figure)
 
 A run directory whose ``config.json`` has the same setup and that holds a model is reused, so a
 second ``qkov tour`` only re-analyses and rewrites the pages.
@@ -18,6 +20,7 @@ second ``qkov tour`` only re-analyses and rewrites the pages.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +30,7 @@ from typing import Any
 
 from .analyze import analyze, frequency_comparison
 from .errors import QkovError
-from .report import write_report
+from .report import write_plotly_js, write_report
 from .report.data import dominant_frequencies, finding
 from .report.html import CSS, e
 from .store import RunConfig, atomic_write_text, is_finished, is_run_dir, load_run, read_config
@@ -128,6 +131,7 @@ def tour(
         plans.append((name, task, rc, out / name, _reusable(out / name, rc)))
 
     entries, models = [], {}
+    plotly_js = write_plotly_js(out / "plotly.min.js")     # one copy for every page, not one per page
     for i, (name, task, rc, path, reuse) in enumerate(plans, 1):
         t0 = time.perf_counter()
         if reuse:
@@ -141,7 +145,8 @@ def tour(
             say(f"[{i}/{len(plans)}] {name}: trained in {t1 - t0:.0f} s, accuracy {run.metrics[-1]['accuracy']:.2%}")
         summary = analyze(run.model, task, checkpoints=run.checkpoints()).to_dict()
         t2 = time.perf_counter()
-        report = write_report(run, out=path / "report.html", summary=summary)
+        report = write_report(run, out=path / "report.html", summary=summary, thumbnail=path / "thumbnail.png",
+                              plotly_js=Path(os.path.relpath(plotly_js, path)).as_posix())
         t3 = time.perf_counter()
         say(f"[{i}/{len(plans)}] {name}: analysed in {t2 - t1:.1f} s, report {report} in {t3 - t2:.1f} s")
         entries.append(TourEntry(name, path, report, summary, reuse, t1 - t0, t2 - t1, t3 - t2))
@@ -183,6 +188,13 @@ def _story(entry: TourEntry, result: TourResult) -> list[str]:
     return lines
 
 
+THUMB_CSS = """
+img.thumb { float: right; width: 192px; margin: 0 0 1em 1.5em; border: 1px solid #ddd; background: #fff;
+            image-rendering: pixelated; }
+section { overflow: auto; }
+"""
+
+
 def index_html(result: TourResult) -> str:
     """The tour's index page: the story per model with its numbers, and links to the reports."""
     from . import __version__
@@ -194,8 +206,11 @@ def index_html(result: TourResult) -> str:
         acc = finding(x.summary, "accuracy")
         how = "reused" if x.reused else f"trained in {x.train_s:.0f} s"
         items = "".join(f"<li>{e(t)}</li>" for t in _story(x, result))
+        thumb = (x.path / "thumbnail.png").relative_to(result.out).as_posix()   # written with the report
+        img = (f'<a href="{e(link)}"><img class="thumb" src="{e(thumb)}" '
+               f'alt="the {e(x.task)} model\'s key figure"></a>')
         blocks.append(
-            f'<section id="{e(x.task)}"><h2>{e(title)} (<code>{e(x.task)}</code>)</h2>'
+            f'<section id="{e(x.task)}"><h2>{e(title)} (<code>{e(x.task)}</code>)</h2>{img}'
             f'<p class="explain">{e(intro)}</p><ul class="story">{items}</ul>'
             f'<p><a href="{e(link)}">Open the {e(x.task)} report</a> &middot; model {how}'
             + (f", accuracy {_pct(acc['value'])}" if acc else "") + "</p></section>"
@@ -203,7 +218,7 @@ def index_html(result: TourResult) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>qkov tour</title><style>{CSS}</style></head>
+<title>qkov tour</title><style>{CSS}{THUMB_CSS}</style></head>
 <body><main>
 <h1>qkov tour: circuits by example</h1>
 <p class="sub">Three small transformers trained with the reference settings, their circuits read the way the

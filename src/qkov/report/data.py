@@ -21,13 +21,17 @@ import torch
 
 from .. import circuits
 from ..analyze import analyze
-from ..devices import model_device
 from ..errors import QkovError
+from ..show import show
 from ..store import Run, load_run
 
 N_EXAMPLES = 4          # example inputs whose attention patterns are drawn, per head
 MAX_TOKENS = 256        # circuits over larger vocabularies show their first MAX_TOKENS ids
-QK_PAIR_BUDGET = 1_500_000  # numbers in all position-aware QK heatmaps of a page together
+# Numbers in all vocabulary-sized heatmaps of a page together (at 3 significant digits, ~6 bytes
+# each: ~4 MB beside plotly.js's 4.8 MB, so every page stays under 10 MB). The circuits every
+# head has come first; position pairs for the QK dropdown fill what is left; a model whose
+# circuits alone would not fit shows fewer token ids (induction, 4 heads x 256 tokens: 128).
+PAGE_NUMBERS = 650_000
 
 
 def round_sig(x, digits: int = 4) -> np.ndarray:
@@ -86,11 +90,15 @@ def _np(t, digits: int) -> np.ndarray:
 
 @dataclass
 class Example:
-    """One example input and every head's attention pattern on it."""
+    """One example input, every head's attention pattern on it and the model's answer."""
 
     tokens: list[int]
     labels: list[str]                       # "(position) token" per position
     patterns: np.ndarray                    # [n_layers, n_heads, q_pos, k_pos]
+    text: str = ""                          # the input as the task writes it
+    output: str = ""                        # the model's answer, as the task writes it
+    expected: str | None = None             # the right answer, where the task computes it
+    correct: bool | None = None
 
 
 @dataclass
@@ -103,7 +111,7 @@ class HeadData:
     qk: np.ndarray                          # [query token, key token], no positions
     qk_pairs: dict[tuple[int, int], np.ndarray]   # (q_pos, k_pos) -> [query token, key token]
     qk_default: tuple[int, int] | None      # the pair the page shows first
-    positional_qk: np.ndarray | None        # [query pos, key pos]
+    positional_qk: np.ndarray | None        # [query pos, key pos], NaN where key > query (causal)
     ov: np.ndarray                          # [source token, output logit]
     eigenvalues: np.ndarray                 # [d_head] complex, of the full OV circuit
 
@@ -120,6 +128,7 @@ class MlpData:
     token_inputs: np.ndarray                # [token, neuron]: the same without W_pos (a shift per pos)
     neuron_logits: np.ndarray               # [neuron, output logit]
     analysis: dict[str, Any] | None         # Summary["mlp"]: spectrum / key frequencies / progress
+    first_neuron: int = 0                   # the neuron the picker starts on (the cleanest wave)
 
 
 @dataclass
@@ -138,6 +147,7 @@ class ReportData:
     direct_path: np.ndarray                 # [token, output logit]
     mlp: MlpData | None = None
     notes: list[str] = field(default_factory=list)
+    inputs_given: bool = False              # examples are the caller's inputs, not the task's own
 
     # -- the Summary's keys, read in one place ------------------------------------------
     @property
@@ -171,11 +181,42 @@ class ReportData:
     def model_cfg(self) -> dict[str, Any]:
         return self.config["model"]
 
+    @property
+    def n_heads_total(self) -> int:
+        return self.model_cfg["n_layers"] * self.model_cfg["n_heads"]
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.model_cfg.get("d_mlp") is not None
+
 
 # ------------------------------------------------------------------------- helpers
 def _labels(task, n: int, given: Sequence[str] | None) -> list[str]:
     labels = list(given) if given is not None else list(task.token_labels())
     return [str(labels[i]) if i < len(labels) else str(i) for i in range(n)]
+
+
+def _page_sizes(cfg, w, max_tokens: int, budget: int = PAGE_NUMBERS) -> tuple[int, int, int]:
+    """(token ids shown, output ids shown, QK position pairs per head) that fit ``budget`` numbers.
+
+    Every head's full QK and OV circuits, its default position pair (drawn, and again in its
+    dropdown button), the direct path and the MLP maps come first; a model whose circuits alone
+    exceed the budget shows half as many token ids, until they fit (or 32 are left).
+    """
+    heads = cfg.n_layers * cfg.n_heads
+    n_pos = cfg.n_ctx if w.W_pos is not None else 1
+    cap = max_tokens
+    while True:
+        nv, nout = min(w.d_vocab, cap), min(w.d_vocab_out, cap)
+        pair = nv * nv if w.W_pos is not None else 0
+        fixed = heads * (nv * nv + nv * nout + 2 * pair) + nv * nout
+        if cfg.d_mlp is not None:                 # neuron inputs (+ the one drawn), picker, logits
+            fixed += cfg.d_mlp * (nv * (n_pos + 1 + (n_pos > 1)) + nout)
+        if fixed <= budget or cap <= 32:
+            break
+        cap //= 2
+    extra = (budget - fixed) // (heads * pair) if pair and budget > fixed else 0
+    return nv, nout, 1 + extra
 
 
 def _qk_pairs(n_ctx: int, limit: int) -> list[tuple[int, int]]:
@@ -210,29 +251,33 @@ def gather(
     summary: dict[str, Any] | None = None,
     token_labels: Sequence[str] | None = None,
     title: str | None = None,
-    digits: int = 4,
+    digits: int = 3,
     max_tokens: int = MAX_TOKENS,
     n_examples: int = N_EXAMPLES,
+    inputs: Sequence[str] | None = None,
 ) -> ReportData:
     """Everything a report draws for ``run`` (a run directory, ``qkov.Run`` or ``load_run`` result).
 
     ``summary``: a precomputed ``qkov.analyze(...).to_dict()`` (else it is computed here, with
     the run's checkpoints for progress measures). ``token_labels`` overrides the task's labels.
+    ``inputs``: the examples whose attention is drawn, written as the task writes them
+    (``["52 59", "35 14 47 61 38 54"]``; read before any analysis, so a bad one fails first);
+    by default ``n_examples`` of the task's own (``task.example_tokens``).
     """
     model, task, rc, metrics, path = _resolve(run)
-    if summary is None:
-        summary = analyze(model, task, checkpoints=Run(model, rc, metrics, path).checkpoints()).to_dict()
     w = circuits.weights(model)
     cfg = model.cfg
-    nv, nout = min(w.d_vocab, max_tokens), min(w.d_vocab_out, max_tokens)
     labels = _labels(task, w.d_vocab, token_labels)
+    examples = _examples(model, task, labels, inputs if inputs else task.example_tokens(n_examples))
+    if summary is None:
+        summary = analyze(model, task, checkpoints=Run(model, rc, metrics, path).checkpoints()).to_dict()
+    nv, nout, n_pairs = _page_sizes(cfg, w, max_tokens)
     notes = []
-    if w.d_vocab > max_tokens or w.d_vocab_out > max_tokens:
-        notes.append(f"Circuits over the vocabulary show its first {max_tokens} token ids.")
+    if w.d_vocab > nv or w.d_vocab_out > nout:
+        notes.append(f"Circuits over the vocabulary show its first {nv} token ids (a page stays under 10 MB).")
 
-    examples = _examples(model, task, labels, n_examples)
-    heads = _heads(model, task, summary, nv, nout, digits)
-    mlp = _mlp(model, summary, nv, nout, digits) if cfg.d_mlp is not None else None
+    heads = _heads(model, task, summary, nv, nout, digits, n_pairs)
+    mlp = _mlp(model, task, summary, nv, nout, digits) if cfg.d_mlp is not None else None
 
     return ReportData(
         title=title or f"qkov report: {task.name}" + (f" ({path})" if path else ""),
@@ -249,25 +294,41 @@ def gather(
         direct_path=_np(circuits.direct_path(model).AB[:nv, :nout], digits),
         mlp=mlp,
         notes=notes,
+        inputs_given=bool(inputs),
     )
 
 
-def _examples(model, task, labels: list[str], n: int) -> list[Example]:
-    """The first ``n`` inputs of the task's fixed eval set, with every head's pattern on each."""
-    toks = task.eval_batch().tokens[:n]
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(toks.to(model_device(model)), names=names)
-    pats = torch.stack([cache[n] for n in names], dim=1)                     # [b, L, H, q, k]
-    return [Example(t.tolist(), [f"({i}) {labels[x]}" for i, x in enumerate(t.tolist())], _np(pats[b], 3))
-            for b, t in enumerate(toks)]
+def _examples(model, task, labels: list[str], inputs: Sequence[str | Sequence[int]]) -> list[Example]:
+    """Each input (text or token ids) with every head's pattern on it and the model's answer."""
+    return examples_from_shown(show(model, task, *inputs), labels)
 
 
-def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int) -> list[HeadData]:
-    """Each head's circuits: full QK (also at as many (q, k) position pairs as the page's budget
-    allows), positional QK, full OV and its eigenvalues."""
+def examples_from_shown(shown: Sequence[Any], labels: Sequence[str] | None = None) -> list[Example]:
+    """Report examples from :func:`qkov.show` results; ``labels`` (per token id) replace the
+    task's in the ``(position) token`` axis labels."""
+    out = []
+    for s in shown:
+        heads = sorted(tuple(map(int, k.split("."))) for k in s.patterns)
+        n_layers, n_heads = heads[-1][0] + 1, heads[-1][1] + 1
+        pats = [[s.patterns[f"{l}.{h}"] for h in range(n_heads)] for l in range(n_layers)]   # [L, H, q, k]
+        axis = s.labels if labels is None else [f"({i}) {labels[x]}" for i, x in enumerate(s.tokens)]
+        out.append(Example(s.tokens, list(axis), _np(np.asarray(pats), 3), s.input, s.output, s.expected,
+                           s.correct))
+    return out
+
+
+def _causal(a: np.ndarray) -> np.ndarray:
+    """``a [query pos, key pos]`` with NaN where the key comes after the query (never attended)."""
+    a = np.array(a, dtype=np.float64)
+    a[np.triu_indices(a.shape[0], 1, a.shape[1])] = np.nan
+    return a
+
+
+def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int, n_pairs: int) -> list[HeadData]:
+    """Each head's circuits: full QK (also at ``n_pairs`` (q, k) position pairs, the page's
+    budget), positional QK (acausal cells masked), full OV and its eigenvalues."""
     w, cfg = circuits.weights(model), model.cfg
-    limit = max(1, QK_PAIR_BUDGET // (nv * nv * cfg.n_layers * cfg.n_heads))
-    pairs = _qk_pairs(cfg.n_ctx, limit) if w.W_pos is not None else []
+    pairs = _qk_pairs(cfg.n_ctx, max(1, n_pairs - 1)) if w.W_pos is not None else []
     default = _default_pair(task, cfg.n_ctx) if pairs else None
     if default is not None and default not in pairs:
         pairs = sorted(set(pairs) | {default})
@@ -283,20 +344,39 @@ def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int
                 qk=_np(circuits.full_qk(model, l, h).AB[:nv, :nv], digits),
                 qk_pairs={(q, k): _np(circuits.full_qk(model, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
                 qk_default=default,
-                positional_qk=_np(circuits.positional_qk(model, l, h), digits) if w.W_pos is not None else None,
+                positional_qk=(_causal(_np(circuits.positional_qk(model, l, h), digits))
+                               if w.W_pos is not None else None),
                 ov=_np(fov.AB[:nv, :nout], digits),
                 eigenvalues=np.asarray(eig.detach().cpu().numpy(), dtype=np.complex128),
             ))
     return heads
 
 
-def _mlp(model, summary: dict[str, Any], nv: int, nout: int, digits: int) -> MlpData:
+def _mlp(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int) -> MlpData:
     """Neuron inputs at each position and without positions, neuron logits, the MLP analysis."""
     has_pos = circuits.weights(model).W_pos is not None
     ni = torch.stack([circuits.neuron_inputs(model, 0, pos=p if has_pos else None)
                       for p in range(model.cfg.n_ctx if has_pos else 1)])       # [pos, v, m]
+    analysis = summary.get("mlp")
     return MlpData(_np(ni[:, :nv], digits), _np(circuits.neuron_inputs(model, 0)[:nv], digits),
-                   _np(circuits.neuron_logits(model, 0)[:, :nout], digits), summary.get("mlp"))
+                   _np(circuits.neuron_logits(model, 0)[:, :nout], digits), analysis,
+                   _cleanest_neuron(model, task, analysis))
+
+
+def _cleanest_neuron(model, task, analysis: dict[str, Any] | None) -> int:
+    """The neuron whose input is most nearly one wave, by the MLP analysis's own measure: for a
+    token spectrum (add, fib) the largest share of the input's variance at its dominant
+    frequency, for Z_p (modadd) the highest FVE of its frequency; neuron 0 without an analysis."""
+    from .. import fourier
+
+    kind = (analysis or {}).get("kind")
+    if kind == "token_spectrum":
+        s = fourier.neuron_input_spectrum(model, n_tokens=analysis["n_tokens"])
+        return int((s.dominant_share * (1 - s.linear_share)).argmax())
+    if kind == "fourier_zp":
+        nf = fourier.neuron_frequencies(fourier.neuron_grid(model, task))
+        return int(torch.where(nf.dead, torch.zeros_like(nf.fve) - 1, nf.fve).argmax())
+    return 0
 
 
 def _default_pair(task, n_ctx: int) -> tuple[int, int]:

@@ -131,19 +131,34 @@ def eval_by_group(kind: str, groups: dict[str, dict[str, float]]) -> go.Figure:
 
 
 # --------------------------------------------------------------------- attention
-def attention_patterns(examples: list[Example], layer: int, head: int) -> go.Figure:
-    """Head ``layer.head``'s attention pattern on each example input, axes ``(position) token``."""
+def _clip(text: str, n: int = 26) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def example_caption(ex: Example, i: int) -> str:
+    """``'52 59 → 59'``: the input and the model's answer (with the expected one when it differs)."""
+    if not ex.output:
+        return f"example {i + 1}"
+    miss = "" if ex.correct is not False or ex.expected is None else f" (expected {_clip(ex.expected, 12)})"
+    return esc(f"{_clip(ex.text)} → {_clip(ex.output, 16)}{miss}")
+
+
+def attention_patterns(examples: list[Example], layer: int, head: int, per_row: int = 4) -> go.Figure:
+    """Head ``layer.head``'s attention pattern on each example input, axes ``(position) token``;
+    each panel is titled with the input and the model's answer, ``per_row`` panels a row."""
     n = len(examples)
-    fig = make_subplots(rows=1, cols=n, subplot_titles=[f"example {i + 1}" for i in range(n)],
-                        horizontal_spacing=0.08)
+    cols, rows = min(n, per_row), -(-n // per_row)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[example_caption(ex, i) for i, ex in enumerate(examples)],
+                        horizontal_spacing=0.08, vertical_spacing=0.5 / rows if rows > 1 else 0.3)
     for i, ex in enumerate(examples):
         labels = _labels(ex.labels)
+        r, c = i // cols + 1, i % cols + 1
         fig.add_trace(_matrix_heatmap(ex.patterns[layer, head], labels, labels, signed=False, zmin=0, zmax=1,
-                                      hover="query %{y}<br>key %{x}<br>attention %{z}"), row=1, col=i + 1)
-        _matrix_axes(fig, "key: (position) token", "query: (position) token" if i == 0 else "", row=1, col=i + 1)
+                                      hover="query %{y}<br>key %{x}<br>attention %{z}"), row=r, col=c)
+        _matrix_axes(fig, "key: (position) token", "query: (position) token" if c == 1 else "", row=r, col=c)
     fig.update_traces(showscale=False)
     fig.update_traces(showscale=True, selector=-1)
-    return _layout(fig, f"Attention patterns of head {layer}.{head}", height=380)
+    return _layout(fig, f"Attention patterns of head {layer}.{head}", height=380 * rows)
 
 
 # --------------------------------------------------------------------- QK circuits
@@ -176,10 +191,13 @@ def full_qk_positions(head: HeadData, labels: Sequence[str]) -> go.Figure:
 
 
 def positional_qk(head: HeadData) -> go.Figure:
-    """``W_pos W_Q W_Kᵀ W_posᵀ``: how much a query position prefers each key position."""
+    """``W_pos W_Q W_Kᵀ W_posᵀ``: how much a query position prefers each key position (cells the
+    data marks NaN, a key after its query in a causal model, are left blank)."""
     pos = [str(i) for i in range(head.positional_qk.shape[0])]
-    return heatmap(head.positional_qk, pos, pos, f"Positional QK circuit of head {head.name}",
-                   "key position", "query position")
+    fig = heatmap(head.positional_qk, pos, pos, f"Positional QK circuit of head {head.name}",
+                  "key position", "query position")
+    fig.update_traces(hoverongaps=False)
+    return fig
 
 
 # --------------------------------------------------------------------- OV circuits
@@ -206,9 +224,11 @@ def eigenvalues(head: HeadData) -> go.Figure:
     title = f"Eigenvalues of head {head.name}'s full OV circuit"
     if score is not None:
         title += f": copying score {score:.3f}"
+    # The full width like every other figure; equal scales keep the complex plane round, the
+    # real axis widening to fill the space. The title sits below the mode bar's row.
     fig.update_xaxes(title_text="real part", range=[-r, r], zeroline=False)
     fig.update_yaxes(title_text="imaginary part", range=[-r, r], zeroline=False, scaleanchor="x", scaleratio=1)
-    return _layout(fig, title, height=500, width=620)
+    return _layout(fig, title, height=500)
 
 
 def direct_path(z: np.ndarray, labels: Sequence[str], out_labels: Sequence[str]) -> go.Figure:
@@ -275,19 +295,20 @@ def neuron_picker(mlp: MlpData, labels: Sequence[str]) -> go.Figure:
     by a constant, so its shape (periodic or not) is the same at every position.
     """
     n_tok, n_neurons = mlp.token_inputs.shape
+    first = mlp.first_neuron if 0 <= mlp.first_neuron < n_neurons else 0
     title = lambda n: f"Input to neuron {n} against the attended token (no positional term)"  # noqa: E731
-    fig = go.Figure(go.Scatter(x=_labels(labels), y=mlp.token_inputs[:, 0], mode="lines+markers",
+    fig = go.Figure(go.Scatter(x=_labels(labels), y=mlp.token_inputs[:, first], mode="lines+markers",
                                marker={"size": 3}, name="neuron input",
                                hovertemplate="token %{x}: %{y}<extra></extra>"))
     steps = [{"label": str(n), "method": "update",
               "args": [{"y": [np.ascontiguousarray(mlp.token_inputs[:, n])]}, {"title.text": title(n)}]}
              for n in range(n_neurons)]
-    fig.update_layout(sliders=[{"active": 0, "steps": steps, "ticklen": 0, "pad": {"t": 60},
+    fig.update_layout(sliders=[{"active": first, "steps": steps, "ticklen": 0, "pad": {"t": 60},
                                 "currentvalue": {"prefix": "neuron ", "font": {"size": 13, "color": "#333"}},
                                 "font": {"size": 1, "color": "rgba(0,0,0,0)"}}])
     fig.update_xaxes(title_text="attended token", type="category")
     fig.update_yaxes(title_text="neuron input")
-    return _layout(fig, title(0), height=500)
+    return _layout(fig, title(first), height=500)
 
 
 def neuron_logits(mlp: MlpData, out_labels: Sequence[str]) -> go.Figure:
@@ -323,17 +344,24 @@ PROGRESS_LOSSES = ("train_loss", "test_loss", "restricted_loss", "excluded_loss"
 
 
 def progress_measures(rows: list[dict[str, Any]]) -> go.Figure:
-    """Progress measures over checkpoints: losses (log scale) and the weight norm / Fourier Gini."""
+    """Progress measures over checkpoints: losses (log scale); the sum of squared weights and,
+    on its own 0-1 axis, the Gini coefficient of the embedding's Fourier norms."""
     steps = [r["step"] for r in rows]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["losses", "weights"], horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["losses", "weights"], horizontal_spacing=0.14,
+                        specs=[[{}, {"secondary_y": True}]])
     for key in PROGRESS_LOSSES:
         ys = [r.get(key) for r in rows]
         if any(v is not None for v in ys):
             fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines", name=key.replace("_", " ")), row=1, col=1)
-    for key in ("sum_sq_weights", "gini_embed_fourier"):
+    for key, name, right in (("sum_sq_weights", "sum of squared weights", False),
+                             ("gini_embed_fourier", "Gini of W_E's Fourier norms (right axis)", True)):
         ys = [r.get(key) for r in rows]
         if any(v is not None for v in ys):
-            fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines", name=key.replace("_", " ")), row=1, col=2)
+            fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines", name=name, line={"dash": "dot"} if right else {}),
+                          row=1, col=2, secondary_y=right)
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
-    return _layout(fig, "Progress measures over checkpoints", height=380)
+    fig.update_yaxes(title_text="sum of squared weights", row=1, col=2, secondary_y=False)
+    fig.update_yaxes(title_text="Gini coefficient", range=[0, 1], tickmode="auto", showgrid=False, row=1, col=2,
+                     secondary_y=True)
+    return _layout(fig, "Progress measures over checkpoints", height=400)

@@ -107,30 +107,35 @@ def _section_html(s: Section) -> str:
     return "\n".join(parts)
 
 
-def render(data: ReportData, secs: list[Section] | None = None) -> str:
-    """The whole page as one string (plotly.js inlined once)."""
+def plotly_script(plotly_js: str | None = None) -> str:
+    """The ``<script>`` that loads plotly.js: inlined (``None``), or from ``plotly_js``, the
+    relative address of a shared copy beside the page (a tour's pages share one; still offline)."""
+    if plotly_js is None:
+        return f'<script type="text/javascript">{get_plotlyjs()}</script>'
+    return f'<script type="text/javascript" src="{e(plotly_js)}"></script>'
+
+
+def page(title: str, sub: str, secs: list[Section], top: str = "", plotly_js: str | None = None) -> str:
+    """A page of sections: the title, a line under it (HTML), ``top`` (HTML) above the navigation,
+    every section's figures drawn by one script."""
     from .. import __version__
 
-    secs = sections(data) if secs is None else secs
     nav = " ".join(f'<a href="#{e(s.id)}">{e(s.title)}</a>' for s in secs)
-    notes = "".join(f'<p class="note">{e(n)}</p>' for n in data.notes)
-    sub = f"run directory {e(data.run_dir)}" if data.run_dir else "in-memory run"
     body = "\n".join(_section_html(s) for s in secs)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(data.title)}</title>
+<title>{e(title)}</title>
 <style>{CSS}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
+{plotly_script(plotly_js)}
 </head>
 <body>
 <main>
-<h1>{e(data.title)}</h1>
-<p class="sub">{sub}; task {e(data.task.get("name", ""))}</p>
-{findings_html(data.findings)}
-{notes}
+<h1>{e(title)}</h1>
+<p class="sub">{sub}</p>
+{top}
 <nav>{nav}</nav>
 {body}
 <footer>Written by qkov {e(__version__)}.
@@ -140,3 +145,12 @@ Figures are plotly: drag to zoom, double-click to reset, hover for values.</foot
 </body>
 </html>
 """
+
+
+def render(data: ReportData, secs: list[Section] | None = None, plotly_js: str | None = None) -> str:
+    """The whole page as one string (plotly.js inlined once, or loaded from ``plotly_js``)."""
+    secs = sections(data) if secs is None else secs
+    notes = "".join(f'<p class="note">{e(n)}</p>' for n in data.notes)
+    sub = f"run directory {e(data.run_dir)}" if data.run_dir else "in-memory run"
+    sub += f"; task {e(data.task.get('name', ''))}"
+    return page(data.title, sub, secs, findings_html(data.findings) + "\n" + notes, plotly_js)

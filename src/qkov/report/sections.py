@@ -13,6 +13,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from . import explain
 from . import figures as F
 from .data import ReportData, spectrum_rows
 
@@ -29,6 +30,7 @@ class Section:
 def _model_card(d: ReportData) -> Section:
     s = Section(
         "model-card", "Model card",
+        f"This model: {explain.model_shape(d)}. "
         "The task, the model's shape and how it was trained, with its accuracy and loss on the task's fixed "
         "evaluation set. Check that accuracy is uniform across lengths or positions before reading circuits: a "
         "circuit explains what a model does, not what it was meant to do.",
@@ -48,10 +50,7 @@ def _model_card(d: ReportData) -> Section:
 
 def _attention(d: ReportData) -> Section:
     s = Section(
-        "attention", "Attention patterns",
-        "Where each head looks on a few inputs from the evaluation set: row q shows how query position q spreads "
-        "its attention over key positions 0..q (each row sums to 1; attention is causal). Axes read "
-        "(position) token; a head that solves the task by lookup puts its weight on the key that holds the answer.",
+        "attention", "Attention patterns", explain.attention(d),
     )
     for h in d.heads:
         s.figures.append((f"attention-{h.name}", F.attention_patterns(d.examples, h.layer, h.head)))
@@ -60,12 +59,7 @@ def _attention(d: ReportData) -> Section:
 
 def _qk(d: ReportData) -> Section:
     s = Section(
-        "qk", "QK circuits: where heads attend",
-        "The full QK circuit gives the attention score a query token assigns to a key token along the direct "
-        "path, before the softmax. Without positions it shows token preferences alone; with positions (pick a "
-        "query/key position pair from the dropdown) it is the score the model actually computes at those "
-        "positions, e.g. for max, keys scored in increasing order of value in each row. The positional circuit "
-        "shows the preference of query positions for key positions, independent of tokens.",
+        "qk", "QK circuits: where heads attend", explain.qk(d),
     )
     for h in d.heads:
         s.figures.append((f"qk-{h.name}", F.full_qk(h, d.token_labels)))
@@ -78,10 +72,7 @@ def _qk(d: ReportData) -> Section:
 
 def _ov(d: ReportData) -> Section:
     s = Section(
-        "ov", "OV circuits: what heads write",
-        "The full OV circuit shows what attending to a token does to each output logit. A copying head has a "
-        "bright diagonal: attending to token t raises logit t. Its eigenvalues tell the same story in one number: "
-        "positive real eigenvalues mean copying, and the copying score Re(Σλ)/Σ|λ| is 1 for a perfect copier.",
+        "ov", "OV circuits: what heads write", explain.ov(d),
     )
     for h in d.heads:
         s.figures.append((f"ov-{h.name}", F.full_ov(h, d.token_labels, d.out_labels)))
@@ -130,11 +121,7 @@ def _mlp(d: ReportData) -> Section | None:
     if d.mlp is None:
         return None
     return Section(
-        "mlp", "MLP neurons",
-        "What each layer-0 neuron receives through the attention head's OV circuit when the head attends to a "
-        "token (pick the attended position from the dropdown), and one neuron at a time with the slider. Smooth "
-        "waves across token values are periodic neurons: the model computes with cos and sin of the numbers. "
-        "The neuron → logit map shows what each neuron's activation adds to every answer.",
+        "mlp", "MLP neurons", explain.mlp(d),
         [("neuron-inputs", F.neuron_inputs(d.mlp, d.token_labels)),
          ("neuron-picker", F.neuron_picker(d.mlp, d.token_labels)),
          ("neuron-logits", F.neuron_logits(d.mlp, d.out_labels))],
@@ -166,6 +153,18 @@ def _fourier(d: ReportData) -> Section | None:
     if a.get("progress"):
         s.figures.append(("progress", F.progress_measures(a["progress"])))
     return s if s.figures else None
+
+
+# The figure that shows a model's mechanism at a glance (the tour's index draws it small): a
+# periodic neuron for MLP models, head detectors for deeper ones, else the first head's QK circuit
+# with positions, else its OV circuit.
+KEY_FIGURES = ("neuron-picker", "detectors", "qk-positions-0.0", "ov-0.0")
+
+
+def key_figure(secs: list[Section]) -> tuple[str, go.Figure] | None:
+    """``(name, figure)`` of the first of :data:`KEY_FIGURES` that ``secs`` draw, or None."""
+    figs = dict(f for s in secs for f in s.figures)
+    return next(((n, figs[n]) for n in KEY_FIGURES if n in figs), None)
 
 
 def sections(d: ReportData) -> list[Section]:
