@@ -187,6 +187,20 @@ def test_bad_tokens_say_what_was_wrong():
         model(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(QkovError, match="integer ids"):
         model(torch.zeros(1, 3))
+    with pytest.raises(QkovError, match=r"not text; got '35 14 47'.*parse\(text\)"):
+        model("35 14 47")                                             # torch's own: new(): invalid data type 'str'
+    with pytest.raises(QkovError, match="integer ids shaped"):
+        model([[1, "2"]])
+
+
+def test_stacked_properties_are_copies_and_the_parameters_are_the_way_to_edit():
+    model = Transformer(ModelConfig(n_layers=2, n_heads=2, d_model=8, d_vocab=5, n_ctx=4))
+    model.W_O[0, 0] = 0                                               # a copy: the model is unchanged
+    assert model.blocks[0].attn.W_O[0].abs().sum() > 0
+    assert "copy" in type(model).W_O.__doc__ and "blocks[layer].attn.W_O" in type(model).W_O.__doc__
+    with torch.no_grad():
+        model.blocks[0].attn.W_O[0] = 0                               # the parameter itself
+    assert (model.W_O[0, 0] == 0).all()
 
 
 def test_same_seed_same_weights():

@@ -37,6 +37,13 @@ class Finding:
 
 @dataclass
 class Summary:
+    """Everything ``analyze`` measured about one model: plain dicts and lists, JSON-able.
+
+    ``task`` and ``model`` are the configs, ``eval`` the task's metrics, ``heads`` one row of
+    scores per head, ``composition`` (2+ layers), ``attention`` (task facts), ``mlp`` (MLP
+    models) and ``findings``, the headline numbers as sentences.
+    """
+
     task: dict[str, Any]
     model: dict[str, Any]
     eval: dict[str, Any]
@@ -47,6 +54,7 @@ class Summary:
     findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary as one dict (what ``qkov analyze --json`` prints)."""
         d = {
             "task": self.task, "model": self.model, "eval": self.eval, "heads": self.heads,
             "attention": self.attention, "findings": [f.to_dict() for f in self.findings],
@@ -58,6 +66,7 @@ class Summary:
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
 

@@ -66,9 +66,11 @@ class ModelConfig:
 
     @property
     def attn_only(self) -> bool:
+        """True for a model without MLPs (``d_mlp=None``)."""
         return self.d_mlp is None
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict (what ``config.json`` stores; :meth:`from_dict` reads it)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -76,6 +78,7 @@ class ModelConfig:
         return _from_dict(cls, d, "model config")
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied and checked, e.g. ``cfg.replace(d_mlp=128)``."""
         return _replace(self, changes, "model config")
 
 
@@ -130,6 +133,7 @@ class TrainConfig:
         check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict (``betas`` as a list; :meth:`from_dict` reads it)."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
@@ -142,6 +146,7 @@ class TrainConfig:
         return _from_dict(cls, d, "train config")
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied and checked, e.g. ``cfg.replace(steps=200, target_accuracy=0.99)``."""
         return _replace(self, changes, "train config")
 
 

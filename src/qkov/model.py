@@ -409,14 +409,17 @@ class Transformer(Hooked, nn.Module):
 
     @property
     def W_pos(self) -> Tensor:          # [n_ctx, d_model]
+        """``pos_embed.W_pos`` detached (a view of the parameter, as :attr:`W_E`)."""
         return self.pos_embed.W_pos.detach()
 
     @property
     def W_U(self) -> Tensor:            # [d_model, d_vocab_out]
+        """``unembed.W_U`` detached (a view of the parameter, as :attr:`W_E`)."""
         return self.unembed.W_U.detach()
 
     @property
     def b_U(self) -> Tensor:            # [d_vocab_out]
+        """``unembed.b_U`` detached (a view of the parameter, as :attr:`W_E`)."""
         return self.unembed.b_U.detach()
 
     W_Q = _stacked("attn", "W_Q", "[n_layers, n_heads, d_model, d_head]")

@@ -236,6 +236,7 @@ class Run:
 
     @property
     def task(self) -> Task:
+        """The task the run was trained on, with its parameters (``run.task.evaluate(run.model)``)."""
         return self.config.task
 
     @property
