@@ -166,3 +166,66 @@ def test_script_label_renders_as_text(short_trained, tmp_path, driver):
 
 def test_report_size(page):
     assert page["path"].stat().st_size < 10e6
+
+
+def _rect(driver, fid: str, selector: str) -> dict:
+    return driver.execute_script(
+        "var el = document.querySelector('#' + arguments[0] + ' ' + arguments[1]);"
+        "if (!el) return null; var r = el.getBoundingClientRect();"
+        "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, width: r.width};", fid, selector)
+
+
+def test_eigenvalue_title_is_clear_of_the_mode_bar_and_full_width(page, driver):
+    from selenium.webdriver import ActionChains
+    from selenium.webdriver.common.by import By
+
+    fid = "fig-eigenvalues-0-0"
+    el = driver.find_element(By.ID, fid)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
+    ActionChains(driver).move_to_element(el).perform()              # the mode bar shows on hover
+    title, bar = _rect(driver, fid, ".gtitle"), _rect(driver, fid, ".modebar")
+    assert title is not None and bar is not None
+    overlap = not (title["right"] <= bar["left"] or bar["right"] <= title["left"]
+                   or title["bottom"] <= bar["top"] or bar["bottom"] <= title["top"])
+    assert not overlap, (title, bar)
+    width = _rect(driver, fid, "svg.main-svg")["width"]
+    assert width == _rect(driver, "fig-ov-0-0", "svg.main-svg")["width"]   # as wide as the others
+
+
+def test_positional_qk_leaves_acausal_cells_blank(page, driver):
+    z = driver.execute_script("return document.getElementById('fig-positional-qk-0-0').data[0].z")
+    n = len(z)
+    assert all(z[q][k] is None for q in range(n) for k in range(q + 1, n))
+    assert all(isinstance(z[q][k], (int, float)) for q in range(n) for k in range(q + 1))
+
+
+WALKTHROUGH = ["52 59", "46 41 41", "35 14 47 61 38 54"]
+
+
+def test_report_inputs_render_as_titled_panels(short_trained, tmp_path, driver):
+    run = short_trained("max", STEPS["max"])
+    out = write_report(run, out=tmp_path / "inputs.html", inputs=WALKTHROUGH)
+    opened = _open(driver, out)
+    assert opened["drawn"] == opened["figures"]
+    assert not [e for e in opened["console"] if e["level"] == "SEVERE"]
+    fig = driver.execute_script(
+        "var gd = document.getElementById('fig-attention-0-0');"
+        "return {titles: gd.layout.annotations.map(a => a.text), shapes: gd.data.map(t => [t.z.length, t.z[0].length]),"
+        "        drawn: gd.querySelectorAll('.hm image').length};")
+    assert fig["titles"] == ["52 59 → 59", "46 41 41 → 46", "35 14 47 61 38 54 → 61"]
+    assert fig["shapes"] == [[2, 2], [3, 3], [6, 6]] and fig["drawn"] == 3
+    shown = [t.text for t in driver.find_elements("css selector", "#fig-attention-0-0 .annotation-text")]
+    assert shown == fig["titles"]
+
+
+def test_pages_sharing_one_plotly_js_render_offline(short_trained, tmp_path, driver):
+    from qkov.report import write_plotly_js
+
+    write_plotly_js(tmp_path / "plotly.min.js")
+    run = short_trained("max", STEPS["max"])
+    out = write_report(run, out=tmp_path / "max" / "report.html", plotly_js="../plotly.min.js")
+    assert out.stat().st_size < 2e6                                # plotly.js is not in the page
+    opened = _open(driver, out)
+    assert opened["figures"] >= 9 and opened["drawn"] == opened["figures"]
+    assert all(urlparse(u).scheme in LOCAL_SCHEMES for u in opened["requests"]), opened["requests"]
+    assert not [e for e in opened["console"] if e["level"] == "SEVERE"]
