@@ -3,6 +3,7 @@
 from . import circuits
 from ._version import __version__ as __version__  # written once, in _version.py
 from .analyze import Summary, analyze
+from .certify import certify
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .interop import from_transformer_lens, to_transformer_lens
@@ -25,6 +26,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelConfig", "QkovError", "Run", "Summary", "Task", "TrainConfig", "Transformer",
-    "analyze", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "show", "sweep",
-    "to_transformer_lens", "train", "write_report",
+    "analyze", "certify", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "show",
+    "sweep", "to_transformer_lens", "train", "write_report",
 ]

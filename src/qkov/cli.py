@@ -162,6 +162,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_certify(args) -> int:
+    from .certify import certify
+    from .store import load_run
+
+    loaded = load_run(args.dir)
+    cert = certify(loaded.model, loaded.task, length=args.length, exact_limit=args.exact_limit)
+    print(json.dumps(cert.to_dict(), indent=2) if args.json else cert.format())
+    return 0
+
+
 def cmd_show(args) -> int:
     from .show import show
     from .store import load_run
@@ -265,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", nargs="+", metavar="INPUT",
                    help='examples whose attention the report draws, as the task writes them, e.g. "52 59" "46 41 41"')
     r.set_defaults(fn=cmd_report)
+    ce = sub.add_parser("certify", help="prove lower bounds on a max model's accuracy over every input, per length")
+    ce.add_argument("dir")
+    ce.add_argument("--json", action="store_true",
+                    help="print one JSON object: {task, lengths: {N: {exact, bounds, flops, seconds, failing_cases}}}")
+    ce.add_argument("--length", type=int, metavar="N", help="certify this length only (default: each the task scores)")
+    ce.add_argument("--exact-limit", type=int, default=64 ** 4, metavar="INPUTS",
+                    help="brute-force the exact accuracy where d_vocab**length is at most this (default 64**4; "
+                         "64**5 = 1073741824 takes about a minute)")
+    ce.set_defaults(fn=cmd_certify)
     sh = sub.add_parser("show", help="what a trained model does on inputs you write: answer, top logits, attention")
     sh.add_argument("dir")
     sh.add_argument("inputs", nargs="+", metavar="INPUT", help='one example as the task writes it, e.g. "35 14 47 61 38 54"')

@@ -21,6 +21,7 @@ import torch
 
 from .. import circuits
 from ..analyze import analyze
+from ..certify import certify
 from ..errors import QkovError
 from ..show import show
 from ..store import Run, load_run
@@ -132,6 +133,17 @@ class MlpData:
 
 
 @dataclass
+class CertifiedData:
+    """``qkov.certify`` of the model: per length the exact accuracy and each proof's bound, and
+    where the cubic proof loses inputs."""
+
+    lengths: list[int]
+    exact: list[float | None]               # per length; None where brute force was skipped
+    bounds: dict[str, list[float]]          # proof -> per length
+    lost: list[np.ndarray]                  # per length: [max, query] share of inputs left uncertified (NaN: none)
+
+
+@dataclass
 class ReportData:
     title: str
     run_dir: str | None
@@ -148,6 +160,7 @@ class ReportData:
     mlp: MlpData | None = None
     notes: list[str] = field(default_factory=list)
     inputs_given: bool = False              # examples are the caller's inputs, not the task's own
+    certified: CertifiedData | None = None  # for tasks with an answer rule (max) and models the proofs fit
 
     # -- the Summary's keys, read in one place ------------------------------------------
     @property
@@ -295,7 +308,28 @@ def gather(
         mlp=mlp,
         notes=notes,
         inputs_given=bool(inputs),
+        certified=_certified(model, task, notes),
     )
+
+
+def _certified(model, task, notes: list[str]) -> CertifiedData | None:
+    """The certificate of a model whose task states an answer rule, or None (with a note when
+    the proofs do not fit the model, e.g. a max model with two layers)."""
+    if task.answer_rule() is None:
+        return None
+    try:
+        cert = certify(model, task)
+    except QkovError as e:
+        notes.append(f"No certified accuracy: {e}.")
+        return None
+    lengths = sorted(cert.lengths)
+    lost = []
+    for n in lengths:
+        inputs = cert[n].inputs_by_case.double().numpy()
+        share = np.where(inputs > 0, cert[n].uncertified.double().numpy() / np.maximum(inputs, 1), np.nan)
+        lost.append(np.round(share, 4))
+    return CertifiedData(lengths, [cert[n].exact for n in lengths],
+                         {p: [cert[n].bounds[p] for n in lengths] for p in cert[lengths[0]].bounds}, lost)
 
 
 def _examples(model, task, labels: list[str], inputs: Sequence[str | Sequence[int]]) -> list[Example]:

@@ -25,7 +25,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .data import Example, HeadData, MlpData
+from .data import CertifiedData, Example, HeadData, MlpData
 
 DIVERGING = "RdBu"      # drawn reversed: negative blue, positive red, white at 0
 TEMPLATE = "plotly_white"
@@ -234,6 +234,38 @@ def eigenvalues(head: HeadData) -> go.Figure:
 def direct_path(z: np.ndarray, labels: Sequence[str], out_labels: Sequence[str]) -> go.Figure:
     """``W_E W_U``: the logits a token writes at its own position, skipping every layer."""
     return heatmap(z, out_labels, labels, "Direct path (W_E W_U)", "output logit", "token")
+
+
+# --------------------------------------------------------------------- certified accuracy
+def certified_bounds(c: CertifiedData) -> go.Figure:
+    """The exact accuracy and each proof's certified lower bound, for every input length."""
+    x = [str(n) for n in c.lengths]
+    fig = go.Figure()
+    rows = ([("exact (brute force)", c.exact)] if any(v is not None for v in c.exact) else []) + [
+        (f"{name} proof (at least)", values) for name, values in c.bounds.items()]
+    for name, values in rows:
+        fig.add_trace(go.Bar(x=x, y=values, name=esc(name), hovertemplate=f"{esc(name)}, length %{{x}}: "
+                                                                           "%{y:.4%}<extra></extra>"))
+    low = min(v for _, values in rows for v in values if v is not None)
+    fig.update_xaxes(title_text="input length", type="category")
+    fig.update_yaxes(title_text="accuracy over every input", range=[max(0.0, low - 0.05), 1.0], tickformat=".1%")
+    return _layout(fig, "Certified accuracy by input length", height=380, barmode="group")
+
+
+def proof_losses(c: CertifiedData, labels: Sequence[str]) -> go.Figure:
+    """Per (max token, query token), the share of inputs the cubic proof leaves uncertified; a
+    dropdown picks the length."""
+    title = lambda n: f"Where the cubic proof loses: inputs of length {n} it cannot certify"  # noqa: E731
+    n_tok = c.lost[0].shape[0]
+    fig = heatmap(c.lost[-1], labels[:n_tok], labels[:n_tok], title(c.lengths[-1]), "query token", "max token",
+                  signed=False, hover="max token %{y}<br>query token %{x}<br>uncertified %{z:.2%}")
+    if len(c.lengths) > 1:
+        buttons = [{"label": f"length {n}", "method": "update", "args": [{"z": [z]}, {"title.text": esc(title(n))}]}
+                   for n, z in zip(c.lengths, c.lost)]
+        fig.update_layout(updatemenus=[{"type": "dropdown", "buttons": buttons, "active": len(buttons) - 1,
+                                        "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "bottom"}],
+                          margin={"t": 110})
+    return fig
 
 
 # --------------------------------------------------------------------- multi-layer

@@ -167,8 +167,30 @@ def key_figure(secs: list[Section]) -> tuple[str, go.Figure] | None:
     return next(((n, figs[n]) for n in KEY_FIGURES if n in figs), None)
 
 
+def _certified(d: ReportData) -> Section | None:
+    c = d.certified
+    if c is None:
+        return None
+    s = Section(
+        "certified", "Certified accuracy",
+        "Lower bounds on the model's accuracy over every possible input of each length, proved from its circuits "
+        "alone (qkov certify): the cubic proof splits the inputs by max token, query token, largest other token "
+        "and copies of the max, and bounds attention and logits for each case pessimistically; the subcubic proof "
+        "reads the QK circuit as a rank-one 'size direction' plus a bounded remainder and gives up more. Beside "
+        "them, the exact accuracy over all inputs by brute force (where that is feasible). The heatmap shows where "
+        "the cubic proof loses: the share of inputs with each (max, query) token it cannot certify, either because "
+        "the model's margin is thin there or because the proof's pessimism is.",
+        [("certified-bounds", F.certified_bounds(c)), ("proof-losses", F.proof_losses(c, d.token_labels))],
+    )
+    for i, n in enumerate(c.lengths):
+        row = [("exact (brute force)", "not computed" if c.exact[i] is None else f"{c.exact[i]:.4%}")]
+        row += [(f"{name} proof: at least", f"{b[i]:.4%}") for name, b in c.bounds.items()]
+        s.tables.append((f"length {n}", row))
+    return s
+
+
 def sections(d: ReportData) -> list[Section]:
     """The report's sections for ``d``, in page order, skipping analyses the model has not got."""
-    out = [_model_card(d), _attention(d), _qk(d), _ov(d), _direct(d),
+    out = [_model_card(d), _attention(d), _qk(d), _ov(d), _direct(d), _certified(d),
            _composition(d), _detectors(d), _mlp(d), _fourier(d)]
     return [s for s in out if s is not None]

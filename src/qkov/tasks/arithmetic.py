@@ -6,7 +6,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
-from .base import Batch, FiniteTask, Task, _fixed_targets
+from .base import AnswerRule, Batch, FiniteTask, Task, _fixed_targets
 
 
 class MaxTask(Task):
@@ -51,6 +51,10 @@ class MaxTask(Task):
 
     def group_of_position(self, pos: int) -> int:
         return pos + 1
+
+    def answer_rule(self) -> AnswerRule:
+        """Every list's answer is its max, at every scored length."""
+        return AnswerRule("max", tuple(range(self.min_len, self.max_len + 1)), self.vocab)
 
     # -- text: a list of numbers; the answer is its max, read at the last position ------------
     @property
