@@ -35,9 +35,13 @@ class LayerNorm(nn.Module):
     def forward(self, x: Tensor, hooks: ActiveHooks | None = None) -> Tensor:
         if hooks is None or not (hooks.wants(self.hook_scale) or hooks.wants(self.hook_normalized)):
             return F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=1e-5)
-        x = x - x.mean(-1, keepdim=True)                                        # [..., d]
-        scale = hooks(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())   # [..., 1]
-        return hooks(self.hook_normalized, x / scale) * self.w + self.b
+        centred = x - x.mean(-1, keepdim=True)                                  # [..., d]
+        scale = hooks(self.hook_scale, (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt())   # [..., 1]
+        normalized = hooks(self.hook_normalized, centred / scale)
+        if not (hooks.edited(self.hook_scale) or hooks.edited(self.hook_normalized)):
+            # Recorded only: the output is the plain forward's to the bit.
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=1e-5)
+        return normalized * self.w + self.b
 
 
 class Attention(nn.Module):
@@ -69,9 +73,10 @@ class Attention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, hooks: ActiveHooks | None,
-                query_pos: Tensor | None = None) -> Tensor:
+                query_pos: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Inputs ``[b, p, d]`` (one stream for every head) or ``[b, p, h, d]`` (one per head,
-        when a hook edits ``hook_q_input``, ``hook_k_input``, ``hook_v_input`` or ``hook_attn_in``)."""
+        when a hook edits ``hook_q_input``, ``hook_k_input``, ``hook_v_input`` or ``hook_attn_in``).
+        ``prefix``: the keys and values ``[b, p0, h, e]`` of the positions before the input's."""
         if query_pos is not None:
             xq = xq[:, query_pos]                                               # [b, p, (h,) d]
         q = _heads_in(xq, self.W_Q, self.b_Q)                                   # [b, p, h, e]
@@ -79,9 +84,13 @@ class Attention(nn.Module):
         v = _heads_in(xv, self.W_V, self.b_V)                                   # [b, k, h, e]
         if hooks is not None:
             q, k, v = hooks(self.hook_q, q), hooks(self.hook_k, k), hooks(self.hook_v, v)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], 1), torch.cat([prefix[1], v], 1)   # [b, p0 + k, h, e]
         scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale      # [b, h, p, k]
-        n = xk.shape[1]
+        n = k.shape[1]
         mask = self.causal[:n, :n] if query_pos is None else self.causal[query_pos, :n]
+        if prefix is not None:
+            mask = mask[n - xk.shape[1]:]                                       # the input's rows only
         scores = scores.masked_fill(~mask, self.IGNORE)
         if hooks is not None:
             scores = hooks(self.hook_attn_scores, scores)
@@ -93,7 +102,8 @@ class Attention(nn.Module):
             z = hooks(self.hook_z, z)
             if hooks.wants(self.hook_result):   # each head's write, computed only when asked for
                 result = hooks(self.hook_result, torch.einsum("bphe,hed->bphd", z, self.W_O))   # [b, p, h, d]
-                return result.sum(2) + self.b_O
+                if hooks.edited(self.hook_result):   # (recorded only: the plain forward's output, to the bit)
+                    return result.sum(2) + self.b_O
         h, e, d = self.W_O.shape
         return z.reshape(*z.shape[:2], h * e) @ self.W_O.reshape(h * e, d) + self.b_O   # [b, p, d]
 
@@ -156,11 +166,12 @@ class Block(nn.Module):
         for name in names:
             setattr(self, name, HookPoint())
 
-    def forward(self, resid: Tensor, hooks: ActiveHooks | None, query_pos: Tensor | None = None) -> Tensor:
+    def forward(self, resid: Tensor, hooks: ActiveHooks | None, query_pos: Tensor | None = None,
+                prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if hooks is not None:
             resid = hooks(self.hook_resid_pre, resid)
         xq, xk, xv = self._attn_inputs(resid, hooks)
-        attn_out = self.attn(xq, xk, xv, hooks, query_pos)
+        attn_out = self.attn(xq, xk, xv, hooks, query_pos, prefix)
         if hooks is not None:
             attn_out = hooks(self.hook_attn_out, attn_out)
         # Only the queried positions go on past attention (all of them when query_pos is None).
@@ -297,7 +308,7 @@ class Transformer(Hooked, nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, tokens: Tensor, positions: Tensor | list[int] | None = None,
                 rows: Tensor | None = None, start_at_layer: int | None = None,
-                stop_at_layer: int | None = None) -> Tensor:
+                stop_at_layer: int | None = None, prefix_kv: list | None = None) -> Tensor:
         """``tokens [batch, pos]`` -> logits ``[batch, pos, d_vocab_out]``.
 
         With ``positions`` (query positions, e.g. the ones a loss reads), the last layer attends,
@@ -309,12 +320,17 @@ class Transformer(Hooked, nn.Module):
 
         As in TransformerLens, ``start_at_layer=l`` takes the residual stream before block ``l``
         (``[batch, pos, d_model]``) in place of tokens, and ``stop_at_layer=l`` returns the
-        residual stream before block ``l`` instead of logits.
+        residual stream before block ``l`` instead of logits. With ``start_at_layer``, the input
+        may be the later positions ``p0..`` of a sequence whose earlier positions' keys and values
+        (``hook_k``, ``hook_v`` of each layer, ``[batch, p0, head, d_head]``) are ``prefix_kv[layer]``:
+        the outputs are those positions' (a causal model's later positions never change earlier ones).
         """
-        return self._forward(tokens, self._active, positions, rows, start_at_layer, stop_at_layer)
+        if prefix_kv is not None and (start_at_layer is None or positions is not None):
+            raise QkovError("prefix_kv continues a residual stream: pass start_at_layer (and no positions)")
+        return self._forward(tokens, self._active, positions, rows, start_at_layer, stop_at_layer, prefix_kv)
 
     def _forward(self, tokens: Tensor, hooks: ActiveHooks | None, positions, rows: Tensor | None = None,
-                 start: int | None = None, stop: int | None = None) -> Tensor:
+                 start: int | None = None, stop: int | None = None, prefix_kv: list | None = None) -> Tensor:
         resid = self._embed(tokens, hooks) if start is None else self._check_resid(tokens, start)
         query_pos = None
         if positions is not None:
@@ -325,7 +341,8 @@ class Transformer(Hooked, nn.Module):
                 continue
             if stop is not None and layer >= stop:
                 return resid
-            resid = block(resid, hooks, query_pos if layer == last else None)
+            resid = block(resid, hooks, query_pos if layer == last else None,
+                          None if prefix_kv is None else prefix_kv[layer])
         if stop is not None:
             return resid
         if rows is not None:
