@@ -34,6 +34,7 @@ from .tables import Tables
 
 GRID_POSITIONS = 3   # non-query positions enumerated as one grid (64**3 inputs per step at vocab 64)
 STAGE1_TOL = 1e-9    # stage 1 calls an input right only when its bound beats rounding by this much (relative)
+MAX_WRONG_KEPT = 1 << 20   # the wrong inputs themselves are kept up to this many
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Exact:
     checked_in_full: int   # inputs whose logits stage 2 computed
     flops: float
     seconds: float
+    wrong_inputs: Tensor | None = None   # [w, n]: every input the model gets wrong (None past MAX_WRONG_KEPT)
 
     @property
     def accuracy(self) -> float:
@@ -98,6 +100,7 @@ def brute_force(t: Tables) -> Exact:
     wrong = torch.zeros(V, V, dtype=torch.long, device=dev)
     tol = STAGE1_TOL * 2 * max(t.logit_scale, 1e-300)   # |gap bound| <= 2 logit_scale per unit of attention
     correct = full = 0
+    bad_inputs: list[Tensor] = []
     for q in range(V):
         w, wg = _gap_tables(t, q)
         grid_w = sum((w[N - g + j].index_select(0, cols[j]) for j in range(g)), w.new_zeros(len(grid)))  # [V**g]
@@ -112,18 +115,22 @@ def brute_force(t: Tables) -> Exact:
             correct += len(grid) - len(unsure)
             if len(unsure):
                 full += len(unsure)
-                ok, bad_max = _check_in_full(t, prefix, grid[unsure], q, m[unsure])
+                ok, toks = _check_in_full(t, prefix, grid[unsure], q)
                 correct += int(ok.sum())
-                wrong[:, q] += torch.bincount(bad_max, minlength=V)
+                bad = toks[~ok]
+                wrong[:, q] += torch.bincount(bad.max(1).values, minlength=V)
+                if len(bad) and sum(map(len, bad_inputs)) + len(bad) <= MAX_WRONG_KEPT:
+                    bad_inputs.append(bad.cpu())
     O = t.d_vocab_out
     flops = V * n * V * O * 4.0 + t.inputs * (2.0 * n + 2) + full * (n * (2.0 * O + 6) + O)
-    return Exact(correct, t.inputs, wrong.cpu(), full, flops, time.perf_counter() - start)
+    kept = torch.cat(bad_inputs) if bad_inputs else torch.zeros(0, n, dtype=torch.long)
+    whole = len(kept) == t.inputs - correct
+    return Exact(correct, t.inputs, wrong.cpu(), full, flops, time.perf_counter() - start, kept if whole else None)
 
 
-def _check_in_full(t: Tables, prefix: tuple[int, ...], rest: Tensor, q: int, m: Tensor) -> tuple[Tensor, Tensor]:
-    """Stage 2 for the inputs ``prefix + rest[j] + (q,)``: which are right, and the max tokens of those that are not."""
+def _check_in_full(t: Tables, prefix: tuple[int, ...], rest: Tensor, q: int) -> tuple[Tensor, Tensor]:
+    """Stage 2 for the inputs ``prefix + rest[j] + (q,)``: which are right, and the inputs ``[u, n]``."""
     u, dev = len(rest), rest.device
     toks = torch.cat([torch.tensor(prefix, dtype=torch.long, device=dev).expand(u, -1), rest,
                       torch.full((u, 1), q, dtype=torch.long, device=dev)], dim=1)      # [u, n]
-    ok = right(t, toks)
-    return ok, m[~ok].long()
+    return right(t, toks), toks

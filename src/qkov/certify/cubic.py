@@ -52,6 +52,7 @@ from .tables import Tables
 
 MARGIN_REL = 1e-9            # a case passes when its bound is below -MARGIN_REL * the logit scale (per unit weight)
 WINDOWS = (2, 8, None)       # re-check windows below k; None: every token <= k
+RECHECK_BUDGET = 8.0         # re-checks may cost this many times the first pass (which keeps the proof cubic)
 RECHECK_CHUNK = 1 << 21      # numbers held per re-check batch (cases x window x outputs)
 
 
@@ -102,14 +103,16 @@ def _combine(a: Tensor, b: Tensor, query: Tensor, q: Tensor, c: Tensor, N: int, 
 
 
 def _first_pass(G: dict[str, Tensor], pos: dict[str, Tensor], m: int, N: int, margin: float) -> Tensor:
-    """``[q, k, c]`` bool: the cases the per-group worst outputs certify."""
+    """``[q, k, c]``: how far each case's bound with the per-group worst outputs is from passing,
+    per unit of attention weight (below 0: certified)."""
     V = G["w_q"].shape[0]
     q = torch.arange(V, device=G["w_q"].device)[:, None, None]
     c = torch.arange(N + 1, device=q.device)[None, None, :]
     a = G["below"][:, 1:m + 1, None]                                          # [q, k, 1]: max over y <= k
     b, query = _max_not(G["copy"], m)[:, None, None], _max_not(G["query"], m)[:, None, None]
     F = _combine(a, b, query, q, c, N, pos)                                   # [q, k, c]
-    return F < -(margin * G["total"][:, :m, None] + 1e-290)
+    total = G["total"][:, :m, None]
+    return (F + margin * total + 1e-290) / total
 
 
 def _recheck(G: dict[str, Tensor], pos: dict[str, Tensor], m: int, N: int, cases: Tensor, window: int | None,
@@ -141,33 +144,46 @@ def _pure_passes(t: Tables, margin: float) -> Tensor:
     return (right - others > margin).reshape(V, V).cpu()
 
 
-def cubic(t: Tables, windows: tuple[int | None, ...] = WINDOWS) -> CaseProof:
-    """Run the cubic proof on one length's tables (``windows=()``: the first pass alone)."""
+def cubic(t: Tables, windows: tuple[int | None, ...] = WINDOWS, budget: float = RECHECK_BUDGET) -> CaseProof:
+    """Run the cubic proof on one length's tables. The re-checks spend at most ``budget`` times
+    the first pass's FLOPs, on the cases closest to passing first (``windows=()``: none)."""
     start = time.perf_counter()
     V, N, O = t.d_vocab, t.length - 1, t.d_vocab_out
     margin = MARGIN_REL * max(t.logit_scale, 1e-300)
     counts, pure_counts = case_counts(V, t.length)
-    passes = torch.zeros(V, V, V, N + 1, dtype=torch.bool)
-    flops, rechecked = 0.0, 0
+    excess = torch.full((V, V, V, N + 1), -torch.inf, dtype=t.EQKE.dtype)   # [m, q, k, c]; < 0: certified
+    flops, rechecked = V * V * t.length * (3.0 * O + 10), 0
     if N >= 1:
         pos = positional_weights(t)
         for m in range(1, V):                     # with m = 0 every input is pure
-            G = _groups(t, pos, m)
-            ok = _first_pass(G, pos, m, N, margin).cpu() | (counts[m, :, :m] == 0)
+            excess[m, :, :m] = _first_pass(_groups(t, pos, m), pos, m, N, margin).cpu()
             flops += 14.0 * V * O + 4.0 * V * m + 16.0 * V * m * (N + 1)
-            for window in windows:
-                todo = (~ok).nonzero()                                        # [B, 3]: (q, k, c)
-                if not len(todo):
-                    break
-                w = m if window is None else min(window, m)
-                step = max(1, RECHECK_CHUNK // (w * O))
-                for i in range(0, len(todo), step):
-                    part = todo[i:i + step]
-                    ok[tuple(part.T)] = _recheck(G, pos, m, N, part.to(t.EQKE.device), window, margin).cpu()
-                rechecked += len(todo)
-                flops += len(todo) * O * (3.0 * w + 12)
-            passes[m, :, :m] = ok
-    passes &= counts > 0
+        excess[counts == 0] = -torch.inf
+        left = budget * flops
+        for window in windows:
+            spent, n = _recheck_cases(t, pos, excess, window, left, margin)
+            left, flops, rechecked = left - spent, flops + spent, rechecked + n
     pure = _pure_passes(t, margin) & (pure_counts > 0)
-    flops += V * V * t.length * (3.0 * O + 10)
+    passes = (excess < 0) & (counts > 0)
     return CaseProof(t.length, V, passes, counts, pure, pure_counts, flops, time.perf_counter() - start, rechecked)
+
+
+def _recheck_cases(t: Tables, pos: dict[str, Tensor], excess: Tensor, window: int | None, budget: float,
+                   margin: float) -> tuple[float, int]:
+    """Re-check the failing cases of ``excess`` (set to -inf when they pass), those closest to
+    passing first, until ``budget`` FLOPs are spent; returns (FLOPs spent, cases re-checked)."""
+    N, O = t.length - 1, t.d_vocab_out
+    todo = (excess >= 0).nonzero()                                            # [B, 4]: (m, q, k, c)
+    todo = todo[excess[tuple(todo.T)].argsort()]
+    w = todo[:, 0] if window is None else todo[:, 0].clamp(max=window)        # each case's window
+    cost = O * (3.0 * w + 12)
+    todo = todo[cost.cumsum(0) <= budget]
+    for m in todo[:, 0].unique().tolist():
+        mine = todo[todo[:, 0] == m, 1:]                                      # [b, 3]: (q, k, c)
+        G, wm = _groups(t, pos, m), m if window is None else min(window, m)
+        step = max(1, RECHECK_CHUNK // (wm * O))
+        for i in range(0, len(mine), step):
+            part = mine[i:i + step]
+            ok = _recheck(G, pos, m, N, part.to(t.EQKE.device), window, margin).cpu()
+            excess[m, part[ok, 0], part[ok, 1], part[ok, 2]] = -torch.inf
+    return float(cost[: len(todo)].sum()), len(todo)
