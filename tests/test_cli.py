@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from qkov import ModelConfig, TrainConfig
 from qkov.cli import main
 
 
@@ -74,6 +75,26 @@ def test_set_reaches_task_model_and_train_fields(capsys, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["task"]["p"] == 7 and cfg["model"]["d_vocab"] == 8 and cfg["model"]["d_vocab_out"] == 7
     assert cfg["model"]["d_mlp"] == 32 and cfg["train"]["betas"] == [0.9, 0.95]
+
+
+def test_show_config_lists_every_set_key_and_trains_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, text, _ = run_cli(capsys, "train", "induction", "--set", "lr=3e-3", "--show-config")
+    assert code == 0 and list(tmp_path.iterdir()) == []
+    assert "task:\n  vocab=256\n  n_ctx=32" in text and "  lr=0.003" in text and "  target_accuracy=None" in text
+    assert "  model.n_ctx=32" in text            # a model key shadowed by the task's n_ctx needs its prefix
+    keys = {line.strip().split("=")[0].split(".")[-1] for line in text.splitlines() if line.startswith("  ")}
+    assert set(ModelConfig().to_dict()) | set(TrainConfig().to_dict()) <= keys
+
+
+def test_the_summary_says_when_the_target_was_first_reached(capsys, tmp_path):
+    code, text, _ = run_cli(capsys, "train", "max", "--out", str(tmp_path / "a"), "--steps", "400", "--quiet",
+                            "--set", "target_accuracy=0.9", "--set", "eval_every=50")
+    step = int(text.split("first reached at step ")[1].split(";")[0])
+    assert code == 0 and "training stopped there" in text and f"(step {step})" in text and step < 400
+    code, text, _ = run_cli(capsys, "train", "max", "--out", str(tmp_path / "b"), "--steps", "20", "--quiet",
+                            "--set", "eval_every=10")
+    assert code == 0 and "accuracy 99% not reached (no --set target_accuracy; ran all 20 steps)" in text
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
