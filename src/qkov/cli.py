@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     ce.set_defaults(fn=cmd_certify)
     sh = sub.add_parser("show", help="what a trained model does on inputs you write: answer, top logits, attention")
     sh.add_argument("dir")
-    sh.add_argument("inputs", nargs="+", metavar="INPUT", help='one example as the task writes it, e.g. "35 14 47 61 38 54"')
+    sh.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help='one example as the task writes it, e.g. "35 14 47 61 38 54"')
     sh.add_argument("--json", action="store_true", help="print a JSON list, one object per input")
     sh.add_argument("--html", metavar="FILE", help="also write every head's attention on the inputs as an HTML page")
     sh.set_defaults(fn=cmd_show)
