@@ -45,3 +45,21 @@ def tl_flags(model, on: bool = True):
 def tokens_for(model, batch: int = 4, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.d_vocab, (batch, model.cfg.n_ctx), generator=gen)
+
+
+def to_transformer_lens(model):
+    """A TransformerLens 3.9 ``HookedTransformer`` with a qkov model's config and weights."""
+    import warnings
+
+    import transformer_lens as tl
+
+    c = model.cfg
+    cfg = tl.HookedTransformerConfig(
+        n_layers=c.n_layers, n_heads=c.n_heads, d_model=c.d_model, d_head=c.head_dim, d_mlp=c.d_mlp or 1,
+        attn_only=c.d_mlp is None, d_vocab=c.d_vocab, d_vocab_out=c.vocab_out, n_ctx=c.n_ctx, act_fn=c.act_fn,
+        normalization_type=c.normalization, dtype=model.W_E.dtype, device="cpu", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = tl.HookedTransformer(cfg)
+    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()}, strict=True)
+    return ref.eval()

@@ -85,7 +85,7 @@ class Attention(nn.Module):
         if hooks is not None:
             q, k, v = hooks(self.hook_q, q), hooks(self.hook_k, k), hooks(self.hook_v, v)
         if prefix is not None:
-            k, v = torch.cat([prefix[0], k], 1), torch.cat([prefix[1], v], 1)   # [b, p0 + k, h, e]
+            k, v = _after(prefix[0], k), _after(prefix[1], v)                  # [b, p0 + k, h, e]
         scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale      # [b, h, p, k]
         n = k.shape[1]
         mask = self.causal[:n, :n] if query_pos is None else self.causal[query_pos, :n]
@@ -106,6 +106,14 @@ class Attention(nn.Module):
                     return result.sum(2) + self.b_O
         h, e, d = self.W_O.shape
         return z.reshape(*z.shape[:2], h * e) @ self.W_O.reshape(h * e, d) + self.b_O   # [b, p, d]
+
+
+def _after(prefix: Tensor, x: Tensor) -> Tensor:
+    """``prefix [B, p0, h, e]`` then ``x [c*B, n, h, e]`` along positions: row ``i`` of ``x``
+    continues prefix row ``i % B`` (one copy; the prefix is not repeated first)."""
+    B, c = prefix.shape[0], x.shape[0] // prefix.shape[0]
+    both = torch.cat([prefix.expand(c, *prefix.shape), x.view(c, B, *x.shape[1:])], 2)   # [c, B, p0 + n, h, e]
+    return both.view(x.shape[0], -1, *x.shape[2:])
 
 
 def heads_matrix(W: Tensor) -> Tensor:
@@ -322,8 +330,9 @@ class Transformer(Hooked, nn.Module):
         (``[batch, pos, d_model]``) in place of tokens, and ``stop_at_layer=l`` returns the
         residual stream before block ``l`` instead of logits. With ``start_at_layer``, the input
         may be the later positions ``p0..`` of a sequence whose earlier positions' keys and values
-        (``hook_k``, ``hook_v`` of each layer, ``[batch, p0, head, d_head]``) are ``prefix_kv[layer]``:
+        (``hook_k``, ``hook_v`` of each layer, ``[B, p0, head, d_head]``) are ``prefix_kv[layer]``:
         the outputs are those positions' (a causal model's later positions never change earlier ones).
+        ``B`` may divide the input's batch: input row ``i`` continues prefix row ``i % B``.
         """
         if prefix_kv is not None and (start_at_layer is None or positions is not None):
             raise QkovError("prefix_kv continues a residual stream: pass start_at_layer (and no positions)")
