@@ -135,12 +135,14 @@ def _clip(text: str, n: int = 26) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def example_caption(ex: Example, i: int) -> str:
-    """``'52 59 → 59'``: the input and the model's answer (with the expected one when it differs)."""
+def example_caption(ex: Example, i: int, width: int = 32) -> str:
+    """``'52 59 → 59'``: the input and the model's answer (with the expected one when it differs),
+    cut to about ``width`` characters."""
     if not ex.output:
         return f"example {i + 1}"
-    miss = "" if ex.correct is not False or ex.expected is None else f" (expected {_clip(ex.expected, 12)})"
-    return esc(f"{_clip(ex.text)} → {_clip(ex.output, 16)}{miss}")
+    out = _clip(ex.output, 10)
+    miss = "" if ex.correct is not False or ex.expected is None else f" (not {_clip(ex.expected, 8)})"
+    return esc(f"{_clip(ex.text, max(8, width - len(out) - len(miss) - 3))} → {out}{miss}")
 
 
 def attention_patterns(examples: list[Example], layer: int, head: int, per_row: int = 4) -> go.Figure:
@@ -148,8 +150,10 @@ def attention_patterns(examples: list[Example], layer: int, head: int, per_row: 
     each panel is titled with the input and the model's answer, ``per_row`` panels a row."""
     n = len(examples)
     cols, rows = min(n, per_row), -(-n // per_row)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[example_caption(ex, i) for i, ex in enumerate(examples)],
+    captions = [example_caption(ex, i, width=128 // cols) for i, ex in enumerate(examples)]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=captions,
                         horizontal_spacing=0.08, vertical_spacing=0.5 / rows if rows > 1 else 0.3)
+    fig.update_annotations(font_size=13)
     for i, ex in enumerate(examples):
         labels = _labels(ex.labels)
         r, c = i // cols + 1, i % cols + 1
