@@ -313,7 +313,7 @@ def test_progress_measures_give_the_gini_coefficient_its_own_axis():
     weights, gini = traces["sum of squared weights"], traces["Gini of W_E's Fourier norms (right axis)"]
     assert weights.yaxis != gini.yaxis and weights.xaxis == gini.xaxis
     axis = fig.layout[f"yaxis{gini.yaxis[1:]}"]
-    assert tuple(axis.range) == (0, 1) and axis.overlaying == weights.yaxis
+    assert axis.rangemode == "tozero" and axis.overlaying == weights.yaxis and axis.side == "right"
 
 
 def test_key_figure_thumbnail(max_data, add_data, tmp_path):

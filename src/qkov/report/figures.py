@@ -398,6 +398,7 @@ def progress_measures(rows: list[dict[str, Any]]) -> go.Figure:
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
     fig.update_yaxes(title_text="sum of squared weights", row=1, col=2, secondary_y=False)
-    fig.update_yaxes(title_text="Gini coefficient", range=[0, 1], tickmode="auto", showgrid=False, row=1, col=2,
-                     secondary_y=True)
+    # Its own axis from zero (a coefficient 0..1 next to weights in the thousands drew flat)
+    fig.update_yaxes(title_text="Gini coefficient", rangemode="tozero", tickmode="auto", showgrid=False, row=1,
+                     col=2, secondary_y=True)
     return _layout(fig, "Progress measures over checkpoints", height=400)
