@@ -15,6 +15,7 @@ import pytest
 # Read when ray is imported: a one-machine cluster on the loopback address, nothing reported.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")       # as the local cluster qkov starts itself
 ray = pytest.importorskip("ray")
 
 import qkov  # noqa: E402

@@ -90,6 +90,14 @@ def test_runs_are_written_as_qkov_train_writes_them(small_sweep, tmp_path):
     assert row["top_key_is_max"] == summary["attention"]["top_key_is_max"]
 
 
+def test_the_certified_bound_is_in_the_row_where_certify_applies(small_sweep):
+    certify = pytest.importorskip("qkov.certify")
+    row = small_sweep.rows[0]
+    cert = certify.certify(store.load(row["path"]), store.read_config(row["path"]).task, exact_limit=0).to_dict()
+    assert row["certified_bound"] == max(cert["lengths"]["4"]["bounds"].values())
+    assert row["certify_s"] > 0
+
+
 def test_a_second_start_trains_nothing(small_sweep):
     mtimes = {r["name"]: (Path(r["path"]) / store.MODEL).stat().st_mtime_ns for r in small_sweep.rows}
     again = sweep(MAX4, seeds=[0], grid={"lr": ["3e-3", "3e-2"], "steps": ["30"]}, out=small_sweep.out,
