@@ -88,9 +88,7 @@ def _pool(backend: str, jobs: int | None, out: Path, address: str | None, retrie
     if backend == "ray":
         return RayPool(jobs, address, retries, runtime_env)
     if backend == "serial":
-        import torch
-
-        return SerialPool(torch.get_num_threads())
+        return SerialPool(1)      # as one worker: a second thread only waits on a busy machine
     cores = os.cpu_count() or 1
     jobs = jobs or cores
     return LocalPool(jobs, max(1, cores // jobs), out)

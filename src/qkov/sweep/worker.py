@@ -67,7 +67,15 @@ def train_point(job: dict[str, Any]) -> dict[str, Any]:
     own failure: the record says ``failed`` with the one-line error."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(job["threads"])
+    try:
+        return _train_point(job)
+    finally:
+        torch.set_num_threads(threads)     # the serial pool runs points in the caller's process
+
+
+def _train_point(job: dict[str, Any]) -> dict[str, Any]:
     path = Path(job["path"])
     record: dict[str, Any] = {"hash": job["hash"], "seed": job["seed"], "attempt": job["attempt"],
                               "host": socket.gethostname(), "status": "failed"}
