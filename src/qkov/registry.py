@@ -83,7 +83,7 @@ def headline(summary: dict[str, Any] | None, final: dict[str, Any], record: dict
     heads, att, mlp = s.get("heads") or [], s.get("attention") or {}, s.get("mlp") or {}
     rank = (att.get("key_rank_correlation") or {})
     out: dict[str, Any] = {
-        "steps": final.get("step"), "accuracy": ev.get("accuracy"), "loss": ev.get("loss"),
+        "steps_done": final.get("step"), "accuracy": ev.get("accuracy"), "loss": ev.get("loss"),
         "copying_score": _best(heads, "copying_score"), "ov_self_top1": _best(heads, "ov_self_top1"),
         "top_key_is_max": att.get("top_key_is_max"), "weight_on_max": att.get("weight_on_max"),
         "key_rank_correlation": (rank.get("by_q_pos") or {}).get(str(rank.get("q_pos"))),
