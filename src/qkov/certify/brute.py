@@ -10,7 +10,11 @@ by running the model, in two passes per query token ``q``:
    and ``m`` the input's max (the max of a sum is at most the sum of the maxes). Inputs whose
    bound is clearly positive are right; this is a few gathers per input, over a grid of the
    last (at most three) non-query positions at a time, so memory stays bounded.
-2. The few inputs left over get their logits in full from the tables and are checked exactly.
+2. The inputs left over (few, for a trained model) get their logits in full, times the softmax's
+   denominator, from per-position rows of the tables, and are checked exactly.
+
+On one thread, 64^4 inputs take about 1 s for a trained max-of-4 model (5 s of CPU for an
+untrained one, whose inputs nearly all reach stage 2) and 64^5 about 30 s.
 
 >>> import qkov
 >>> from qkov.certify.tables import tables
@@ -35,6 +39,7 @@ from .tables import Tables
 GRID_POSITIONS = 3   # non-query positions enumerated as one grid (64**3 inputs per step at vocab 64)
 STAGE1_TOL = 1e-9    # stage 1 calls an input right only when its bound beats rounding by this much (relative)
 MAX_WRONG_KEPT = 1 << 20   # the wrong inputs themselves are kept up to this many
+FULL_CHUNK = 1 << 14       # inputs whose logits stage 2 computes at a time (bounded memory)
 
 
 @dataclass
@@ -72,10 +77,11 @@ def right(t: Tables, tokens: Tensor) -> Tensor:
     return others.amax(1) < top[:, 0]
 
 
-def _gap_tables(t: Tables, q: int) -> tuple[Tensor, Tensor]:
-    """Unnormalised attention ``w [n, V]`` of a key (position, token) for query ``q`` and
-    ``wg [n, V*V]``: ``w`` times the per-position gap bound ``d_i(x)[m] - max_{o≠m} d_i(x)[o]``
-    at ``[i, x * V + m]``."""
+def _gap_tables(t: Tables, q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For query ``q``: the unnormalised attention ``w [n, V]`` on a key (position, token);
+    ``wg [n, V*V]``, ``w`` times the per-position gap bound ``d_i(x)[m] - max_{o≠m} d_i(x)[o]``
+    at ``[i, x * V + m]``; and ``wd [n, V, v]``, ``w`` times ``d_i(x)``: summed over an input's
+    positions, its logits times the softmax's denominator."""
     V = t.d_vocab
     s = t.scores(q)                                                            # [n, V]
     w = (s - s.max()).exp()                                                    # [n, V]
@@ -84,7 +90,7 @@ def _gap_tables(t: Tables, q: int) -> tuple[Tensor, Tensor]:
     m = torch.arange(V, device=d.device)
     best_other = torch.where(top.indices[..., :1] == m, top.values[..., 1:2], top.values[..., :1])  # [n, V, m]
     gap = d[..., :V] - best_other                                              # [n, V(x), V(m)]
-    return w, (w[..., None] * gap).reshape(t.length, V * V)
+    return w, (w[..., None] * gap).reshape(t.length, V * V), w[..., None] * d
 
 
 def brute_force(t: Tables) -> Exact:
@@ -102,7 +108,7 @@ def brute_force(t: Tables) -> Exact:
     correct = full = 0
     bad_inputs: list[Tensor] = []
     for q in range(V):
-        w, wg = _gap_tables(t, q)
+        w, wg, wd = _gap_tables(t, q)
         grid_w = sum((w[N - g + j].index_select(0, cols[j]) for j in range(g)), w.new_zeros(len(grid)))  # [V**g]
         for prefix in itertools.product(range(V), repeat=N - g):
             m = grid_max.clamp(min=max(prefix + (q,)))                        # [V**g]: each input's max
@@ -115,22 +121,34 @@ def brute_force(t: Tables) -> Exact:
             correct += len(grid) - len(unsure)
             if len(unsure):
                 full += len(unsure)
-                ok, toks = _check_in_full(t, prefix, grid[unsure], q)
+                ok = _check_in_full(wd, prefix, q, cols, unsure, m[unsure])
                 correct += int(ok.sum())
-                bad = toks[~ok]
-                wrong[:, q] += torch.bincount(bad.max(1).values, minlength=V)
+                bad = unsure[~ok]
+                wrong[:, q] += torch.bincount(m[bad].long(), minlength=V)
                 if len(bad) and sum(map(len, bad_inputs)) + len(bad) <= MAX_WRONG_KEPT:
-                    bad_inputs.append(bad.cpu())
+                    u = len(bad)
+                    bad_inputs.append(torch.cat([torch.tensor(prefix, dtype=torch.long).expand(u, -1), grid[bad].cpu(),
+                                                 torch.full((u, 1), q, dtype=torch.long)], dim=1))
     O = t.d_vocab_out
-    flops = V * n * V * O * 4.0 + t.inputs * (2.0 * n + 2) + full * (n * (2.0 * O + 6) + O)
+    flops = V * n * V * O * 6.0 + t.inputs * (2.0 * n + 2) + full * (g + 3.0) * O
     kept = torch.cat(bad_inputs) if bad_inputs else torch.zeros(0, n, dtype=torch.long)
     whole = len(kept) == t.inputs - correct
     return Exact(correct, t.inputs, wrong.cpu(), full, flops, time.perf_counter() - start, kept if whole else None)
 
 
-def _check_in_full(t: Tables, prefix: tuple[int, ...], rest: Tensor, q: int) -> tuple[Tensor, Tensor]:
-    """Stage 2 for the inputs ``prefix + rest[j] + (q,)``: which are right, and the inputs ``[u, n]``."""
-    u, dev = len(rest), rest.device
-    toks = torch.cat([torch.tensor(prefix, dtype=torch.long, device=dev).expand(u, -1), rest,
-                      torch.full((u, 1), q, dtype=torch.long, device=dev)], dim=1)      # [u, n]
-    return right(t, toks), toks
+def _check_in_full(wd: Tensor, prefix: tuple[int, ...], q: int, cols: list[Tensor], unsure: Tensor,
+                   m: Tensor) -> Tensor:
+    """Stage 2: ``[u]`` bool, whether each input ``prefix + grid[unsure] + (q,)`` is right, from
+    its logits times the softmax's denominator (the same comparisons; the denominator is > 0)."""
+    n, g = wd.shape[0], len(cols)
+    const = wd[n - 1, q] + sum(wd[i, x] for i, x in enumerate(prefix))        # [v]: the query and the prefix
+    out = []
+    for s in range(0, len(unsure), FULL_CHUNK):
+        part = unsure[s:s + FULL_CHUNK]
+        num = const.expand(len(part), -1).clone()                              # [u, v]
+        for j in range(g):
+            num += wd[n - 1 - g + j].index_select(0, cols[j][part])
+        mm = m[s:s + FULL_CHUNK].long()[:, None]
+        top = num.gather(1, mm)[:, 0]
+        out.append(num.scatter_(1, mm, -torch.inf).amax(1) < top)
+    return torch.cat(out)

@@ -86,7 +86,10 @@ class Certificate:
             rows = [("exact (brute force)", c.exact, "brute_force")] if c.exact is not None else []
             rows += [(f"{name} proof, at least", b, name) for name, b in c.bounds.items()]
             for label, value, key in rows:
-                lines.append(f"  {label:<24} {value:9.4%}   {c.flops[key]:8.2g} FLOPs  {c.seconds[key]:7.3f} s")
+                missed = c.inputs - c.certified["exact" if key == "brute_force" else key]
+                what = "wrong" if key == "brute_force" else "uncertified"
+                lines.append(f"  {label:<24} {value:9.4%}  {c.flops[key]:8.2g} FLOPs  {c.seconds[key]:7.3f} s"
+                             f"  ({missed:,} {what})")
             if c.exact is None:
                 lines.append("  exact: not computed (over exact_limit; qkov certify --exact-limit N)")
             cases = c.failing_cases()
