@@ -132,3 +132,15 @@ def test_settings_are_what_differs_from_the_reference():
 
     task, m, t = configure("modadd", {"p": "23", "d_mlp": "128", "lr": "1e-3"})   # lr 1e-3 is the reference
     assert registry.settings_of(RunConfig(task, m, t, 0)) == {"p": 23, "d_mlp": 128}
+
+
+def test_the_sweep_page_draws_key_frequencies_and_links_written_reports(sweep_dir):
+    from qkov.report import write_report
+
+    first = registry.run_dirs(sweep_dir)[0]
+    store.atomic_write_text(first / "report.html", "<html></html>")       # as qkov report DIR/NAME leaves it
+    page = write_report(sweep_dir).read_text()
+    assert 'id="fig-key-frequencies"' in page and 'id="fig-key-frequency-count"' in page
+    assert 'id="fig-logit-fve"' in page and page.count("<tr>") == 4       # the header and one row per run
+    assert f'<a href="{first.name}/report.html">' in page and page.count("/report.html\">") == 1
+    assert "Sweep: modadd (p=23), 3 runs" in page
