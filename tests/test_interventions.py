@@ -184,3 +184,41 @@ def test_mistakes_get_one_line_errors():
     with pytest.raises(QkovError, match="at least as long"):
         I.run(model, I.ablate_heads(model, [(0, 0)], "mean", torch.zeros(4, 3, dtype=torch.long)),
               torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_analyze_lists_each_tasks_checks_and_the_cli_prints_them():
+    from qkov.cli import format_summary
+
+    task = qkov.get_task("max")
+    d = qkov.analyze(qkov.Transformer(task.model_config()), task).to_dict()
+    assert [c["id"] for c in d["checks"]] == ["qk_selects_max", "head_needed", "positions_in_qk", "ov_copies"]
+    for c in d["checks"]:
+        assert set(c) == {"id", "text", "intervention", "metric", "before", "after", "holds"}
+        assert c["before"] == pytest.approx(d["eval"]["accuracy"], abs=1e-6)
+    text = format_summary(d)
+    assert "does the story hold?" in text and "qk_selects_max" in text
+    assert qkov.analyze(qkov.Transformer(task.model_config()), task, checks=False).checks == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["max", "add", "fib", "induction", "modadd"])
+def test_reference_models_checks_go_the_way_the_story_says(trained, name):
+    from conftest import SMALL_MODADD
+
+    run = trained(name, **(SMALL_MODADD if name == "modadd" else {}))
+    checks = {c["id"]: c for c in qkov.analyze(run.model, run.task).checks}
+    after = {k: c["after"] for k, c in checks.items()}
+    if name == "max":
+        assert after["qk_selects_max"] >= 0.99 and after["head_needed"] <= 0.2
+        assert after["positions_in_qk"] >= 0.99 and after["ov_copies"] >= 0.99
+    elif name in ("add", "fib"):
+        # The named frequencies carry most of what the neurons read, but not all of it: projected onto
+        # them accuracy stays far above chance (and far above what is left without them) yet drops.
+        assert after["key_frequencies_needed"] <= 0.2
+        assert after["key_frequencies_suffice"] >= 3 * after["key_frequencies_needed"]
+        assert after["key_frequencies_suffice"] < checks["key_frequencies_suffice"]["before"]
+    elif name == "induction":
+        assert all(checks[k]["holds"] for k in ("previous_token_needed", "k_composition_path", "induction_head_needed"))
+        assert after["previous_token_needed"] > 3 * checks["previous_token_needed"]["before"]
+    else:
+        assert checks["restricted_loss"]["holds"] and checks["excluded_loss"]["holds"]

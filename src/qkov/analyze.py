@@ -20,6 +20,8 @@ from . import circuits
 from .circuits.heads import head_scores
 from .devices import model_device
 from .fourier import mlp_summary
+from .interventions import Interventions
+from .model import Transformer
 from .tasks import Task
 
 
@@ -41,7 +43,8 @@ class Summary:
 
     ``task`` and ``model`` are the configs, ``eval`` the task's metrics, ``heads`` one row of
     scores per head, ``composition`` (2+ layers), ``attention`` (task facts), ``mlp`` (MLP
-    models) and ``findings``, the headline numbers as sentences.
+    models), ``findings``, the headline numbers as sentences, and ``checks``, the interventions
+    that test them (``{id, text, intervention, metric, before, after, holds}``, from the task).
     """
 
     task: dict[str, Any]
@@ -52,12 +55,14 @@ class Summary:
     attention: dict[str, Any] = field(default_factory=dict)
     mlp: dict[str, Any] | None = None
     findings: list[Finding] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as one dict (what ``qkov analyze --json`` prints)."""
         d = {
             "task": self.task, "model": self.model, "eval": self.eval, "heads": self.heads,
             "attention": self.attention, "findings": [f.to_dict() for f in self.findings],
+            "checks": list(self.checks),
         }
         if self.composition is not None:
             d["composition"] = self.composition
@@ -225,12 +230,15 @@ def analyze(
     model,
     task: Task | str,
     checkpoints: Iterable[tuple[int, Any]] | None = None,
+    checks: bool = True,
 ) -> Summary:
     """Everything qkov measures about ``model`` on ``task``, as a Summary (``.to_json()``).
 
     ``checkpoints``: the run's ``(step, model)`` checkpoints, when it has some (e.g.
     ``qkov.store.checkpoints(run_dir)``); for ``modadd`` the MLP section then adds progress
-    measures over them, against ``model``'s key frequencies. ``analyze`` reads no files.
+    measures over them, against ``model``'s key frequencies. ``checks``: run the task's causal
+    checks of its findings (``task.checks``, interventions on a qkov model). ``analyze`` reads
+    no files.
     """
     from .tasks import get_task
 
@@ -256,6 +264,8 @@ def analyze(
 
                 s.mlp["progress"] = progress_measures(checkpoints, task, final_model=model)
         s.findings = _findings(task, s)
+        if checks and isinstance(model, Transformer):
+            s.checks = task.checks(Interventions(model, task), s.to_dict())
         return s
     finally:
         model.train(was_training)

@@ -116,6 +116,9 @@ def format_summary(d: dict[str, Any]) -> str:
     """The human-readable form of ``qkov analyze``: findings, eval, per-head scores."""
     lines = [f"{d['task']['name']}: " + ", ".join(f"{k}={v}" for k, v in d["task"].items() if k != "name")]
     lines += ["findings:"] + [f"  - {f['text']}" for f in d["findings"]]
+    if d.get("checks"):
+        lines += ["does the story hold?"] + [f"  [{'holds' if c['holds'] else 'FAILS'}] {c['id']}: {c['text']}"
+                                            for c in d["checks"]]
     lines.append(format_eval(d["eval"]))
     lines.append("heads:")
     for h in d["heads"]:

@@ -169,6 +169,11 @@ class ReportData:
         return list(self.summary.get("findings", []))
 
     @property
+    def checks(self) -> list[dict[str, Any]]:
+        """``[{id, text, intervention, metric, before, after, holds}]``: interventions that test the findings."""
+        return list(self.summary.get("checks", []))
+
+    @property
     def eval(self) -> dict[str, Any]:
         return self.summary.get("eval", {})
 

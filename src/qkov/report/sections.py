@@ -189,8 +189,24 @@ def _certified(d: ReportData) -> Section | None:
     return s
 
 
+def _checks(d: ReportData) -> Section | None:
+    if not d.checks:
+        return None
+    s = Section(
+        "checks", "Does the story hold?",
+        "A circuit read off the weights is a claim about what the model computes; each line below tests one by an "
+        "intervention on the model (an ablation, an attention pattern put in place of the model's, a path cut) and "
+        "gives the task's metric before and after it, with the rule the story has to meet.",
+    )
+    for c in d.checks:
+        s.tables.append((f"{c['id']}: {'holds' if c['holds'] else 'does not hold'}",
+                         [("what was done", c["intervention"]), (f"{c['metric']} before", c["before"]),
+                          (f"{c['metric']} after", c["after"]), ("so", c["text"])]))
+    return s
+
+
 def sections(d: ReportData) -> list[Section]:
     """The report's sections for ``d``, in page order, skipping analyses the model has not got."""
-    out = [_model_card(d), _attention(d), _qk(d), _ov(d), _direct(d), _certified(d),
+    out = [_model_card(d), _checks(d), _attention(d), _qk(d), _ov(d), _direct(d), _certified(d),
            _composition(d), _detectors(d), _mlp(d), _fourier(d)]
     return [s for s in out if s is not None]

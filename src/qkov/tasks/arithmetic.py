@@ -7,6 +7,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
 from .base import AnswerRule, Batch, FiniteTask, Task, _fixed_targets
+from .checks import frequency_checks, max_checks, modadd_checks
 
 
 class MaxTask(Task):
@@ -78,6 +79,10 @@ class MaxTask(Task):
         lengths = [hi] if n == 1 else [lo + round(i * (hi - lo) / (n - 1)) for i in range(n)]
         return [t[:L].tolist() for t, L in zip(self.eval_batch().tokens, lengths)]
 
+    def checks(self, interventions, summary):
+        """Attending to the maximum is enough (QK), the head is needed, keys need no position, the OV copies."""
+        return max_checks(interventions, summary)
+
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layers=1, n_heads=1, d_model=32, d_mlp=None, d_vocab=self.vocab, n_ctx=self.max_len)
 
@@ -127,6 +132,10 @@ class AddTask(FiniteTask):
 
     def expected(self, tokens) -> list[int | None]:
         return [int(tokens[0]) + int(tokens[1])]
+
+    def checks(self, interventions, summary):
+        """The neuron inputs' dominant frequencies suffice, and are needed."""
+        return frequency_checks(interventions, summary)
 
     def model_config(self) -> ModelConfig:
         v = self.d_vocab
@@ -203,6 +212,10 @@ class FibTask(FiniteTask):
     def group_name(self) -> str:
         return "position"
 
+    def checks(self, interventions, summary):
+        """The neuron inputs' dominant frequencies suffice, and are needed."""
+        return frequency_checks(interventions, summary)
+
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layers=1, n_heads=1, d_model=128, d_mlp=128, d_vocab=self.d_vocab, n_ctx=self.length)
 
@@ -269,6 +282,10 @@ class ModAddTask(FiniteTask):
 
     def expected(self, tokens) -> list[int | None]:
         return [(int(tokens[0]) + int(tokens[1])) % self.p]
+
+    def checks(self, interventions, summary):
+        """The restricted loss stays low and the excluded loss is high (Nanda et al.)."""
+        return modadd_checks(summary, self.p)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(

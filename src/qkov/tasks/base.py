@@ -163,6 +163,13 @@ class Task(TaskText):
         (``qkov.certify``); None, the default, when there is no such rule."""
         return None
 
+    def checks(self, interventions, summary: dict[str, Any]) -> list[dict[str, Any]]:
+        """Causal checks of this task's circuit story (see ``qkov.tasks.checks``): each
+        ``{id, text, intervention, metric, before, after, holds}``. ``interventions`` is a
+        ``qkov.interventions.Interventions`` for the model, ``summary`` the Summary's numbers so
+        far. None by default."""
+        return []
+
     # -- shared machinery ----------------------------------------------------
     def check_model(self, cfg: ModelConfig) -> None:
         """Raise QkovError when a model cannot represent this task."""

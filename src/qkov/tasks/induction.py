@@ -9,6 +9,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
 from .base import IGNORE, Batch, Task
+from .checks import induction_checks
 
 
 class InductionTask(Task):
@@ -109,6 +110,10 @@ class InductionTask(Task):
         r, first = self._measure(model, rep, [rep.scored, (~rep.scored) & (rep.targets != IGNORE)])
         out["repeated"] = {"accuracy": r["accuracy"], "loss": r["loss"], "loss_first_half": first["loss"]}
         return out
+
+    def checks(self, interventions, summary):
+        """The previous-token head, its path into the induction heads' keys, and the induction heads are needed."""
+        return induction_checks(interventions, summary)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layers=2, n_heads=2, d_model=64, d_mlp=None, d_vocab=self.vocab, n_ctx=self.n_ctx)
