@@ -122,36 +122,51 @@ def composition_table(model) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- task facts
 @torch.no_grad()
-def max_attention_facts(model, task: Task) -> dict[str, Any]:
-    """For ``max``: how often each scored position's most-attended key holds the maximum so far,
-    the attention weight on maximal keys, and the QK rank correlation of key value vs score."""
+def max_attention_facts(model, task: Task, reduce: str = "max") -> dict[str, Any]:
+    """For a task whose answer is the max (or, ``reduce="min"``, the min) of the tokens so far: how
+    often each scored position's most-attended key holds it, the attention weight on such keys,
+    and the QK rank correlation of key value vs score. Keys are named by ``reduce``
+    (``top_key_is_max``, ``weight_on_max``)."""
     tokens = task.eval_batch().tokens.to(model_device(model))
     _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
     pattern = cache["blocks.0.attn.hook_pattern"]                     # [b, h, q, k]
-    running_max = tokens.cummax(1).values                              # [b, q]
-    is_max = tokens[:, None, :] == running_max[:, :, None]              # [b, q, k]: key holds the max so far
+    running = (tokens.cummax(1) if reduce == "max" else tokens.cummin(1)).values  # [b, q]
+    is_max = tokens[:, None, :] == running[:, :, None]                 # [b, q, k]: key holds the answer so far
     is_max &= torch.ones_like(is_max[0]).tril().bool()
     top_key = pattern.argmax(-1)                                       # [b, h, q]
     hits = is_max[:, None].expand_as(pattern).gather(-1, top_key[..., None])[..., 0]  # [b, h, q]
     weight_on_max = (pattern * is_max[:, None]).sum(-1)               # [b, h, q]
+    top, weight = f"top_key_is_{reduce}", f"weight_on_{reduce}"
     by_length = {}
     for q in task.scored_positions:
         by_length[str(q + 1)] = {
-            "top_key_is_max": _r(hits[:, :, q].float().mean()),
-            "weight_on_max": _r(weight_on_max[:, :, q].mean()),
+            top: _r(hits[:, :, q].float().mean()),
+            weight: _r(weight_on_max[:, :, q].mean()),
         }
     scored = task.scored_positions
-    last = task.max_len - 1
+    last = scored[-1]
     # A key position adds the same amount to every key's score for a given query, so the
     # ranking depends on the query position only: report it for each, keys at that position.
     rank = {str(q): _r(circuits.key_rank_correlation(model, 0, 0, q_pos=q, k_pos=q)) for q in scored}
     return {
-        "top_key_is_max": _r(hits[:, :, scored].float().mean()),
-        "weight_on_max": _r(weight_on_max[:, :, scored].mean()),
+        top: _r(hits[:, :, scored].float().mean()),
+        weight: _r(weight_on_max[:, :, scored].mean()),
         "by_length": by_length,
         "key_rank_correlation": {"q_pos": last, "by_q_pos": rank,
                                  "no_positions": _r(circuits.key_rank_correlation(model, 0, 0, None, None))},
     }
+
+
+def task_facts(model, task: Task) -> dict[str, Any]:
+    """The attention facts that the task's answer rule asks for (``answer_rule().reduce`` max or
+    min, one layer, one head: :func:`max_attention_facts`), then what the task measures itself
+    (``task.facts(model)``)."""
+    rule = task.answer_rule()
+    one_head = model.cfg.n_layers == 1 and model.cfg.n_heads == 1
+    facts: dict[str, Any] = {}
+    if rule is not None and rule.reduce in ("max", "min") and one_head and task.scored_positions:
+        facts = max_attention_facts(model, task, rule.reduce)
+    return {**facts, **task.facts(model)}
 
 
 # ------------------------------------------------------------------------- findings
@@ -167,18 +182,8 @@ def _findings(task: Task, s: Summary) -> list[Finding]:
     else:
         split = " on the held-out test split" if "train_accuracy" in ev else ""
         f.append(Finding("accuracy", f"Accuracy {_pct(ev['accuracy'])}{split}.", _r(ev["accuracy"])))
-    if task.name == "max":
-        a = s.attention
-        head = s.heads[0]
-        f.append(Finding("top_key_is_max", f"The last position attends most to a maximal token on "
-                         f"{_pct(a['top_key_is_max'])} of inputs.", a["top_key_is_max"]))
-        last = a["key_rank_correlation"]["q_pos"]
-        rho = a["key_rank_correlation"]["by_q_pos"][str(last)]
-        f.append(Finding("key_rank_correlation", f"With positions added, the QK circuit ranks keys by value: rank "
-                         f"correlation {rho:.3f} at the last position ({a['key_rank_correlation']['no_positions']:.3f} "
-                         f"without positions).", rho))
-        f.append(Finding("copying_score", f"The OV circuit copies: copying score {head['copying_score']:.3f}; "
-                         f"{_pct(head['ov_self_top1'])} of tokens raise their own logit most.", head["copying_score"]))
+    # The task's own findings (its attention facts in words: max's attention to the maximum, ...).
+    f.extend(Finding(d["id"], d["text"], d["value"]) for d in task.findings(s.to_dict()))
     if "previous_token_score" in (s.heads[0] if s.heads else {}):
         # A previous-token head is looked for in layer 0, an induction head after it: an
         # induction head needs the earlier layer's previous-token information to compose with.
@@ -255,11 +260,10 @@ def analyze(
             heads=head_table(model, multi),
             composition=composition_table(model) if multi else None,
         )
-        if task.name == "max" and model.cfg.n_layers == 1 and model.cfg.n_heads == 1:
-            s.attention = max_attention_facts(model, task)
+        s.attention = task_facts(model, task)
         if model.cfg.d_mlp is not None and model.cfg.n_layers == 1:
             s.mlp = mlp_summary(model, task)
-            if checkpoints is not None and task.name == "modadd":
+            if checkpoints is not None and s.mlp.get("kind") == "fourier_zp":
                 from .progress import progress_measures
 
                 s.mlp["progress"] = progress_measures(checkpoints, task, final_model=model)

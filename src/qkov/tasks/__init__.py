@@ -7,6 +7,7 @@ and a ``scored [batch, pos]`` mask of the positions that accuracy is measured on
 | task | reference setup |
 | ---- | --------------- |
 | max | ints 0..63, lengths 2..6, predict the max at the last position; 1 layer, 1 head, attention-only, d_model 32 |
+| min | as max, the minimum |
 | add | a + b with a + b <= 127, predicted at the second position; 1 layer, 1 head, d_model 128, d_mlp 128 |
 | fib | x1..x5 with x(i+1) = x(i) + x(i-1) <= 127, each next element from the two before; same model as add |
 | modadd | [a, b, =] -> (a + b) mod 113, 30% train split, Nanda et al.'s grokking setup |
@@ -22,13 +23,16 @@ from ..errors import QkovError
 from .arithmetic import AddTask, FibTask, MaxTask, ModAddTask
 from .base import IGNORE, Batch, FiniteTask, Scorer, Task, as_index, as_scorer, nll_and_prediction
 from .induction import InductionTask
+from .lists import MinTask
+from .loading import load_class, resolve, source_of
 
 __all__ = [
-    "IGNORE", "Batch", "Task", "FiniteTask", "MaxTask", "AddTask", "FibTask", "ModAddTask", "InductionTask",
-    "TASKS", "get_task", "task_from_dict", "configure", "Scorer", "as_scorer", "as_index", "nll_and_prediction",
+    "IGNORE", "Batch", "Task", "FiniteTask", "MaxTask", "MinTask", "AddTask", "FibTask", "ModAddTask", "InductionTask",
+    "TASKS", "get_task", "resolve", "source_of",
+    "task_from_dict", "configure", "Scorer", "as_scorer", "as_index", "nll_and_prediction",
 ]
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MaxTask, AddTask, FibTask, ModAddTask, InductionTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MaxTask, MinTask, AddTask, FibTask, ModAddTask, InductionTask)}
 
 
 def get_task(name: str | Task, **overrides: Any) -> Task:
@@ -41,14 +45,21 @@ def get_task(name: str | Task, **overrides: Any) -> Task:
     """
     if isinstance(name, Task):
         return type(name)(**{**name.params, **overrides})
-    if name not in TASKS:
-        raise QkovError(f"unknown task '{name}'. Known tasks: {', '.join(sorted(TASKS))}.")
-    return TASKS[name](**overrides)
+    if not isinstance(name, str):
+        raise QkovError(f"task {name!r} is {type(name).__name__}; pass a task name, module:Class or ./file.py:Class")
+    return resolve(name)(**overrides)
 
 
 def task_from_dict(d: dict[str, Any]) -> Task:
+    """The task ``config.json`` stores (``Task.to_dict``): found by its ``source`` when it is not
+    built in, then built with its parameters.
+
+    >>> task_from_dict({"name": "max", "vocab": 10, "min_len": 2, "max_len": 4}).max_len
+    4
+    """
     d = dict(d)
-    return get_task(d.pop("name"), **d)
+    name, source = d.pop("name"), d.pop("source", None)
+    return load_class(name, source)(**d)
 
 
 def configure(

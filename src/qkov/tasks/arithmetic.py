@@ -79,6 +79,37 @@ class MaxTask(Task):
         lengths = [hi] if n == 1 else [lo + round(i * (hi - lo) / (n - 1)) for i in range(n)]
         return [t[:L].tolist() for t, L in zip(self.eval_batch().tokens, lengths)]
 
+    def findings(self, summary):
+        """The story: the last position attends to the maximal token (QK), whose OV copies it.
+        Read from ``summary["attention"]`` (one-head models; none otherwise).
+
+        >>> get = lambda k: {"top_key_is_max": 1.0, "key_rank_correlation": {"q_pos": 5,
+        ...     "by_q_pos": {"5": 0.99}, "no_positions": 0.98}}
+        >>> s = {"attention": get(0), "heads": [{"copying_score": 0.9, "ov_self_top1": 1.0}]}
+        >>> [f["id"] for f in MaxTask().findings(s)]
+        ['top_key_is_max', 'key_rank_correlation', 'copying_score']
+        """
+        reduce = self.answer_rule().reduce
+        a, heads = summary.get("attention") or {}, summary.get("heads") or []
+        if f"top_key_is_{reduce}" not in a or not heads:
+            return []
+        pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
+        top, head = a[f"top_key_is_{reduce}"], heads[0]
+        rank = a["key_rank_correlation"]
+        rho = rank["by_q_pos"][str(rank["q_pos"])]
+        order = "by value" if reduce == "max" else "against value (the smallest first)"
+        word = "maximal" if reduce == "max" else "minimal"
+        return [
+            {"id": f"top_key_is_{reduce}", "value": top,
+             "text": f"The last position attends most to a {word} token on {pct(top)} of inputs."},
+            {"id": "key_rank_correlation", "value": rho,
+             "text": f"With positions added, the QK circuit ranks keys {order}: rank correlation {rho:.3f} at the "
+                     f"last position ({rank['no_positions']:.3f} without positions)."},
+            {"id": "copying_score", "value": head["copying_score"],
+             "text": f"The OV circuit copies: copying score {head['copying_score']:.3f}; "
+                     f"{pct(head['ov_self_top1'])} of tokens raise their own logit most."},
+        ]
+
     def checks(self, interventions, summary):
         """Attending to the maximum is enough (QK), the head is needed, keys need no position, the OV copies."""
         return max_checks(interventions, summary)

@@ -90,8 +90,12 @@ class Task(TaskText):
         return f"get_task({self.name!r}, {args})"
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name": ..., **params}``: what ``config.json`` stores (``task_from_dict`` reads it)."""
-        return {"name": self.name, **self.params}
+        """``{"name": ..., **params}``: what ``config.json`` stores (``task_from_dict`` reads it),
+        with ``"source"`` (``module:Class`` or ``/abs/file.py:Class``) for a task that is not built in."""
+        from .loading import source_of
+
+        source = source_of(type(self))
+        return {"name": self.name, **({"source": source} if source else {}), **self.params}
 
     # -- subclass hooks -------------------------------------------------------
     def _validate(self) -> None:
@@ -162,6 +166,18 @@ class Task(TaskText):
         """The rule that gives every input's answer, when proofs over all inputs can use it
         (``qkov.certify``); None, the default, when there is no such rule."""
         return None
+
+    def facts(self, model) -> dict[str, Any]:
+        """Numbers this task measures on ``model`` for its own findings (JSON-able; ``qkov.analyze``
+        adds them to ``summary["attention"]``). A task runs the model itself here
+        (``model.run_with_cache(tokens)``); none by default."""
+        return {}
+
+    def findings(self, summary: dict[str, Any]) -> list[dict[str, Any]]:
+        """What this task says about its circuit in words, from the numbers ``qkov.analyze`` has
+        measured (``summary``: the Summary as a dict, findings aside): each ``{id, text, value}``,
+        listed after the accuracy. None by default; ``max`` states its attention to the maximum."""
+        return []
 
     def checks(self, interventions, summary: dict[str, Any]) -> list[dict[str, Any]]:
         """Causal checks of this task's circuit story (see ``qkov.tasks.checks``): each
