@@ -57,17 +57,28 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.task or args.sets or args.out:
             raise QkovError("--resume DIR continues a run with its own config; pass only --resume DIR [--steps N]")
-        run = resume(args.resume, steps=args.steps, quiet=args.quiet)
+        from . import memory, store
+
+        rc = store.read_config(args.resume)
+        memory.check_fits(rc.model, rc.train.replace(steps=args.steps or rc.train.steps), what="the run to resume")
+        with store.run_lock(args.resume, create=False):
+            run = resume(args.resume, steps=args.steps, quiet=args.quiet)
         out = args.resume
     else:
         if not args.task:
-            raise QkovError("qkov train needs a TASK (add, fib, induction, max, modadd) or --resume DIR")
+            raise QkovError("qkov train needs a TASK (add, fib, induction, max, min, modadd, an entry point's "
+                          "name, module:Class or ./file.py:Class) or --resume DIR")
         task, model_cfg, train_cfg = configure(args.task, _parse_sets(args.sets), args.steps)
         if args.show_config:
             print(format_config(task, model_cfg, train_cfg))
             return 0
+        from . import memory, store
+
+        memory.check_fits(model_cfg, train_cfg, what=f"qkov train {task.name}")  # before anything is made
         out = args.out or f"runs/{task.name}"
-        run = train(task, out=out, seed=args.seed, model_config=model_cfg, train_config=train_cfg, quiet=args.quiet)
+        with store.run_lock(out):  # a second `qkov train --out` the same folder refuses
+            run = train(task, out=out, seed=args.seed, model_config=model_cfg, train_config=train_cfg,
+                        quiet=args.quiet)
     print(format_eval(run.final, run.task.name))
     print(format_target(run.metrics, run.config.train.target_accuracy, run.config.train.steps))
     print(f"saved to {out} (step {run.final['step']})")
@@ -159,7 +170,12 @@ def cmd_analyze(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
+    from .store import check_writable, ensure_dir, is_run_dir
 
+    if args.output and is_run_dir(args.dir):  # before the analysis, not after it
+        check_writable(args.output)
+    if args.png:
+        ensure_dir(args.png)
     path = write_report(args.dir, out=args.output, png=args.png, inputs=args.inputs)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)" + (f"; PNGs in {args.png}" if args.png else ""))
     return 0
@@ -177,9 +193,11 @@ def cmd_certify(args) -> int:
 
 def cmd_show(args) -> int:
     from .show import show
-    from .store import load_run
+    from .store import check_writable, load_run
 
     loaded = load_run(args.dir)
+    if args.html:
+        check_writable(args.html)
     shown = show(loaded.model, loaded.task, *args.inputs)
     print(shown.to_json() if args.json else shown)
     if args.html:
@@ -249,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qkov", description="Train small transformers and read their QK/OV circuits.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model on an algorithmic task")
-    t.add_argument("task", nargs="?", help="add, fib, induction, max or modadd")
+    t.add_argument("task", nargs="?", help="add, fib, induction, max, min or modadd; a task of your own as "
+                   "module:Class or ./file.py:Class, or by its qkov.tasks entry point's name")
     t.add_argument("--out", help="run directory (default runs/TASK)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, help="total optimizer steps (overrides the task's default)")
@@ -343,6 +362,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qkov: interrupted; files already written are complete (writes are atomic)", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last edge: one line, never a traceback
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    """One line for what no check caught: an OS error (exit 2, with the path), memory that ran
+    out (exit 2), or a bug in qkov (exit 1; QKOV_TRACEBACK=1 prints the traceback)."""
+    if os.environ.get("QKOV_TRACEBACK"):
+        raise e
+    text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        print(f"qkov: cannot use{where} ({e.strerror or text}); check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "alloc" in text + str(type(e))
+                                      or "out of memory" in text):
+        print(f"qkov: out of memory ({text}); choose smaller sizes or batch_size", file=sys.stderr)
+        return 2
+    print(f"qkov: internal error {type(e).__name__}: {text} (a bug in qkov; rerun with QKOV_TRACEBACK=1 "
+          f"for the traceback and report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ missing or mismatched file is a one-line ``QkovError`` that says how to fix it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import memory
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .model import Transformer
@@ -61,21 +65,82 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+    errno.EISDIR: "a folder is in the way where a file should be: remove it or choose another name",
+    errno.ENOTDIR: "a file is in the way where a folder should be: remove it or choose another path",
+    errno.EEXIST: "a file is in the way where a folder should be: remove it or choose another path",
+    errno.ENOENT: "a folder on the way cannot be created: choose a path in a folder that exists",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+}
+
+
+def os_error(path: str | Path, e: OSError, doing: str = "write") -> QkovError:
+    """A one-line QkovError for an OS error while writing ``path``: what failed and what to do.
+    Files written before are untouched (every write is atomic)."""
+    fix = _OS_FIXES.get(e.errno, "choose another path")
+    return QkovError(f"cannot {doing} {path} ({e.strerror or e}); {fix} (files already written are intact)")
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """``path`` as a folder, made with its parents when missing; an OS failure is a one-line QkovError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(path, e, "create the folder") from None
+    if not path.is_dir():
+        raise QkovError(f"{path} is a file, not a folder; remove it or choose another path")
+    return path
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail now, with the line :func:`atomic_write_bytes` would give later, when ``path`` cannot
+    be written (its folder cannot be made or written to, or a folder is in the way): a command
+    checks its output paths before its work."""
+    path = Path(path)
+    if path.is_dir():
+        raise os_error(path, IsADirectoryError(errno.EISDIR, "Is a directory"))
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qkov-check.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise os_error(path, e) from None
+    os.close(fd)
+    os.unlink(tmp)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Every file qkov writes goes through here: an OS error (a missing or unwritable folder, a full
+    or read-only disk, a folder where the file should be) is a one-line QkovError naming the
+    path, and the file that was there before, if any, is left as it was.
+    """
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise os_error(path, e) from None
         raise
 
 
@@ -190,22 +255,84 @@ def read_config(path: str | Path) -> RunConfig:
 
 
 # ----------------------------------------------------------------- weights
-def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> Transformer:
-    model = Transformer(cfg)
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+_HEADER_LIMIT = 100_000_000  # bytes of JSON header a qkov file could plausibly have
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def tensor_header(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a safetensors file, from its header alone (no tensor is read), after
+    checking that the header is well-formed and that its sizes add up to the file's."""
+    path = Path(path)
+    bad = f"{path} is not a readable safetensors file"
+    fix = "it is truncated or damaged: retrain, or resume from a checkpoint"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 1 < n <= min(size - 8, _HEADER_LIMIT):
+                raise QkovError(f"{bad} (its header claims {n:,} bytes of {size:,}); {fix}")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise QkovError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QkovError(f"{bad} (its header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise QkovError(f"{bad} (its header is not a JSON object); {fix}")
+    shapes, data = {}, size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (start, end) = tuple(info["shape"]), info["data_offsets"]
+            ok = all(type(x) is int and x >= 0 for x in (*shape, start, end)) and start <= end <= data
+            count = 1
+            for x in shape:
+                count *= x
+            ok = ok and count * _ITEMSIZE[info["dtype"]] == end - start
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise QkovError(f"{bad} (its header's entry for {name!r} does not fit the file); {fix}")
+        shapes[name] = shape
+    return shapes
+
+
+def expected_shapes(cfg: ModelConfig, what: str = "config.json's model") -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a ``Transformer(cfg)``'s saved tensors, without allocating them (the
+    model is built on torch's meta device, after :func:`qkov.memory.check_fits` says it fits)."""
+    memory.check_fits(cfg, what=what, fix="config.json was edited, or the run needs a machine with more memory")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+
+
+def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """A one-line QkovError unless ``shapes`` (a file's tensors) are what config.json's model needs."""
+    expected = expected_shapes(cfg, what=f"config.json's model (for {source})")
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise QkovError(
             f"{source} does not match config.json's model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             f"the files come from different runs or were edited"
         )
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
+    for k, shape in shapes.items():
+        if tuple(shape) != expected[k]:
             raise QkovError(
-                f"{source}: {k} has shape {tuple(v.shape)} but config.json's model needs {tuple(expected[k].shape)}; "
+                f"{source}: {k} has shape {tuple(shape)} but config.json's model needs {expected[k]}; "
                 f"the files come from different runs or were edited"
             )
+
+
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> Transformer:
+    """A model for ``cfg`` holding ``tensors``, after checking their names, shapes and dtypes
+    (and that the model fits in memory) before anything is allocated."""
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    wrong = next((k for k, v in tensors.items() if v.dtype != torch.float32), None)
+    if wrong is not None:
+        raise QkovError(f"{source}: {wrong} is {tensors[wrong].dtype}, not float32; "
+                        f"the file was not written by qkov or was edited")
+    model = Transformer(cfg)
     model.load_state_dict(tensors, strict=False)
     model.freeze_biases_if_unused()
     return model
@@ -260,6 +387,7 @@ def load_run(path: str | Path) -> Run:
     if not f.is_file():
         hint = "resume it with: qkov train --resume " + str(path) if (path / TRAIN_STATE).is_file() else "retrain it"
         raise QkovError(f"{f} is missing: the run did not finish; {hint}")
+    check_shapes(rc.model, tensor_header(f), str(f))  # an edited config never drives an allocation
     tensors, data = load_tensors(f)
     want = rc.extra.get("model_sha256")
     if want is not None and hashlib.sha256(data).hexdigest() != want:
@@ -338,12 +466,12 @@ def checkpoints(path: str | Path, model_config: ModelConfig | None = None) -> It
 
 
 def _read_checkpoints(files: list[tuple[int, Path]], cfg: ModelConfig) -> Iterator[tuple[int, Transformer]]:
-    expected = {k: v.shape for k, v in model_tensors(Transformer(cfg)).items()}
+    expected = expected_shapes(cfg)
     first = None
     for step, f in files:
         source = f"{f.parent.name}/{f.name}"
         tensors, _ = load_tensors(f, "checkpoint")
-        shapes = {k: v.shape for k, v in tensors.items()}
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         if shapes != expected:
             k = (sorted(set(shapes) ^ set(expected)) or [k for k in expected if shapes[k] != expected[k]])[0]
             seen = f"{k} {tuple(shapes[k])}" if k in shapes else f"no {k}"
@@ -376,6 +504,38 @@ def save_final(path: str | Path, rc: RunConfig, model: torch.nn.Module, steps_do
     rc.extra["steps_done"] = steps_done
     write_config(path, rc)
     return digest
+
+
+@contextmanager
+def run_lock(path: str | Path, create: bool = True) -> Iterator[Path]:
+    """Hold the run directory ``path`` (made when missing and ``create``) for one writer: an
+    exclusive ``flock`` on the folder itself, so no file is added to it and the lock goes when
+    the process does. A second writer gets a one-line QkovError at once.
+
+    >>> import tempfile
+    >>> with run_lock(tempfile.mkdtemp() + "/run") as held:
+    ...     with run_lock(held):
+    ...         pass
+    Traceback (most recent call last):
+    ...
+    qkov.errors.QkovError: another qkov process is writing ...
+    """
+    if not create and not Path(path).is_dir():
+        read_config(path)  # the one-line error for a missing run directory
+    path = ensure_dir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise os_error(path, e, "open the folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise QkovError(f"another qkov process is writing {path}; wait for it to finish, "
+                            f"or pass another --out") from None
+        yield path
+    finally:
+        os.close(fd)
 
 
 def is_run_dir(path: str | Path) -> bool:

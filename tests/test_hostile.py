@@ -1,0 +1,268 @@
+"""Hostile input: every command, fed generated arguments, ``--set`` values and damaged run
+directories, ends in exit 0 or exit 2 with at most one line on stderr (exactly one, ``qkov: ...``,
+on exit 2), never a traceback, never a ``.tmp`` file left behind, and in bounded memory.
+
+The fuzzers run in-process (``qkov.cli.main(argv)``) with a fixed seed and a bounded number of
+examples; ``QKOV_FUZZ_EXAMPLES=N`` runs N per fuzzer by hand (the README's reliability paragraph
+quotes such a run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+import qkov
+from qkov import store
+from qkov.cli import main
+
+EXAMPLES = int(os.environ.get("QKOV_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=EXAMPLES or 60, deadline=None, database=None, derandomize=not EXAMPLES,
+                suppress_health_check=list(HealthCheck))
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    """``qkov argv`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # argparse's --help
+            code = e.code if isinstance(e.code, int) else 0
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_clean(code: int, err: str, where: Path | None = None) -> None:
+    """Exit 0 with at most one line on stderr, or exit 2 with exactly one ``qkov: `` line; no
+    ``.tmp`` file left in ``where``."""
+    lines = err.splitlines()
+    assert "Traceback" not in err, err
+    if code == 2:
+        assert len(lines) == 1 and lines[0].startswith("qkov: "), err
+    else:
+        assert code == 0 and len(lines) <= 1, (code, err)
+    if where is not None and where.exists():
+        assert not [p for p in where.rglob("*.tmp")], sorted(where.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny finished runs with checkpoints: ``max`` and a ``max`` of another width."""
+    root = tmp_path_factory.mktemp("hostile")
+    task = qkov.get_task("max")
+    tc = task.train_config().replace(steps=4, eval_every=2, checkpoint_every=2, batch_size=32)
+    qkov.train(task, out=root / "a", train_config=tc, quiet=True)
+    qkov.train(task, out=root / "b", train_config=tc, model_config=task.model_config().replace(d_model=16),
+               quiet=True)
+    return {"a": root / "a", "b": root / "b"}
+
+
+@pytest.fixture
+def fake_training(monkeypatch, runs):
+    """``train``/``resume`` that return the finished run at once: the CLI's checks still run
+    (arguments, configs, memory, the lock), the steps do not."""
+    trainer = sys.modules["qkov.train"]
+    done = store.load_run(runs["a"])
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: done)
+    monkeypatch.setattr(trainer, "resume", lambda *a, **k: done)
+
+
+# --------------------------------------------------------------- the four that were tracebacks
+@pytest.mark.parametrize("argv,message", [
+    (["train", "max", "--out", "/proc/x", "--steps", "2"], "cannot create the folder /proc/x"),
+    (["train", "max", "--set", "d_model=100000000"], "needs about"),
+])
+def test_train_tracebacks_are_one_line(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(argv)
+    assert code == 2 and message in err, err
+    assert_clean(code, err, tmp_path)
+
+
+def test_report_where_it_cannot_be_written(runs):
+    code, _, err = cli(["report", str(runs["a"]), "-o", "/proc/nope.html"])
+    assert code == 2 and "cannot write /proc/nope.html" in err, err
+    assert_clean(code, err)
+
+
+def test_edited_n_ctx_never_allocates(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["a"], run)
+    d = json.loads((run / "config.json").read_text())
+    d["model"]["n_ctx"] = 10**12
+    (run / "config.json").write_text(json.dumps(d))
+    for argv in (["eval", str(run)], ["show", str(run), "1 2 3"], ["train", "--resume", str(run), "--steps", "8"]):
+        code, _, err = cli(argv)
+        assert code == 2 and "needs about" in err and "available" in err, (argv, err)
+    d["model"]["n_ctx"] = 7  # fits, but the weights are for 6: refused from the header, before loading
+    (run / "config.json").write_text(json.dumps(d))
+    code, _, err = cli(["eval", str(run)])
+    assert code == 2 and "W_pos has shape (6, 32) but config.json's model needs (7, 32)" in err, err
+
+
+def test_memory_estimate_counts_every_parameter():
+    from qkov.memory import param_count
+
+    for cfg in (qkov.ModelConfig(), qkov.ModelConfig(n_layers=2, n_heads=4, d_model=64, d_mlp=100, d_head=5,
+                                                     normalization="LN", d_vocab_out=7)):
+        model = qkov.Transformer(cfg)
+        assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_second_writer_of_one_out_refuses(tmp_path, fake_training):
+    out = tmp_path / "run"
+    with store.run_lock(out):
+        code, _, err = cli(["train", "max", "--out", str(out), "--steps", "2"])
+        assert code == 2 and "another qkov process is writing" in err, err
+    code, _, err = cli(["train", "max", "--out", str(out), "--steps", "2"])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_dir_as_file"])
+def test_a_file_or_folder_in_the_way(tmp_path, runs, where):
+    if where == "a_file":
+        (tmp_path / "f").write_text("x")
+        argv = ["train", "max", "--out", str(tmp_path / "f" / "run"), "--steps", "2"]
+    else:
+        (tmp_path / "r.html").mkdir()
+        argv = ["report", str(runs["a"]), "-o", str(tmp_path / "r.html")]
+    code, _, err = cli(argv)
+    assert code == 2 and str(tmp_path) in err, err
+    assert_clean(code, err, tmp_path)
+
+
+# --------------------------------------------------------------- generated arguments
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+NUMBERS = st.one_of(
+    st.integers(-(10**30), 10**30).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["0", "-0", "1e-320", "1e308", "nan", "inf", "-1", "", " ", "None", "true", "0x10", "1_000"]),
+)
+VALUE = st.one_of(NUMBERS, TEXT, st.sampled_from(["relu", "gelu", "LN", "cpu", "cuda:7", "mps", "cosine"]))
+KEYS = ["steps", "batch_size", "lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "eval_every",
+        "checkpoint_every", "target_accuracy", "threads", "device", "n_layers", "n_heads", "d_model", "d_head",
+        "d_mlp", "d_vocab", "d_vocab_out", "n_ctx", "act_fn", "normalization", "use_bias", "init_std",
+        "min_len", "max_len", "model.n_ctx", "train.steps"]
+SET = st.tuples(st.one_of(st.sampled_from(KEYS), TEXT), VALUE).map(lambda kv: f"{kv[0]}={kv[1]}")
+
+
+@pytest.mark.slow
+@seed(17)
+@FUZZ
+@given(sets=st.lists(SET, max_size=4), task=st.sampled_from(["max", "add", "fib", "induction", "modadd", "mx"]))
+def test_fuzz_set_values(tmp_path_factory, fake_training, sets, task):
+    out = tmp_path_factory.mktemp("set")
+    argv = ["train", task, "--out", str(out / "run"), "--steps", "3"]
+    for s in sets:
+        argv += ["--set", s]
+    code, _, err = cli(argv)
+    assert_clean(code, err, out)
+
+
+def _options(run: str) -> dict[str, list]:
+    return {
+        "train": ["max", "--out", "--seed", "--steps", "--set", "--show-config", "--resume", run, "--quiet"],
+        "eval": [run, "--x"],
+        "show": [run, "1 2 3", "--json", "--html", "9 9 9 9 9 9 9 9 9", "-1", "64", "", "--", "a b"],
+        "report": [run, "-o", "--png", "--inputs", "1 2", "--output"],
+        "certify": [run, "--json", "--length", "--exact-limit", "2", "1000"],
+        "runs": [run, "--where", "--sort", "--json", "--csv", "--rebuild", "status=ok", "step>1"],
+    }
+
+
+@pytest.mark.slow
+@seed(18)
+@FUZZ
+@given(data=st.data(), command=st.sampled_from(["train", "eval", "show", "report", "certify", "runs", "nope", ""]))
+def test_fuzz_command_lines(tmp_path_factory, runs, fake_training, data, command):
+    work = tmp_path_factory.mktemp("argv")
+    run = work / "run"
+    shutil.copytree(runs["a"], run)
+    opts = _options(str(run)).get(command, ["--help", "-h"])
+    token = st.one_of(st.sampled_from(opts), NUMBERS, TEXT, st.just(str(work / "out.html")))
+    args = data.draw(st.lists(token, max_size=6))
+    if command == "certify":  # keep brute force small: the exact limit is checked, not its run time
+        args = [a for a in args if a != "--exact-limit"] + ["--exact-limit", "1000"]
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        code, _, err = cli([command, *args] if command else args)
+    finally:
+        os.chdir(old)
+    assert_clean(code, err, work)
+
+
+# --------------------------------------------------------------- generated damage
+FILES = ["config.json", "model.safetensors", "metrics.jsonl", "train_state.safetensors",
+         "checkpoints/step_2.safetensors"]
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20),
+                                 st.floats(allow_nan=False), TEXT),
+                       lambda kids: st.lists(kids, max_size=3) | st.dictionaries(TEXT, kids, max_size=3),
+                       max_leaves=6)
+
+
+def damage(data, run: Path, other: Path) -> str:
+    """Apply one generated kind of damage to one file of ``run``; returns what was done."""
+    name = data.draw(st.sampled_from(FILES))
+    f = run / name
+    raw = f.read_bytes()
+    kind = data.draw(st.sampled_from(["truncate", "flip", "swap", "huge_header", "dtype", "shape", "json"]))
+    if kind == "truncate":
+        f.write_bytes(raw[: data.draw(st.integers(0, max(0, len(raw) - 1)))])
+    elif kind == "flip":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        f.write_bytes(raw[:i] + bytes([raw[i] ^ (1 << data.draw(st.integers(0, 7)))]) + raw[i + 1:])
+    elif kind == "swap":
+        shutil.copyfile(other / name, f)
+    elif kind == "huge_header" and name.endswith(".safetensors"):
+        f.write_bytes(data.draw(st.integers(2**20, 2**64 - 1)).to_bytes(8, "little") + raw[8:])
+    elif kind in ("dtype", "shape") and name.endswith(".safetensors"):
+        tensors, _ = store.load_tensors(f)
+        k = data.draw(st.sampled_from(sorted(tensors)))
+        v = tensors[k]
+        tensors[k] = v.to(data.draw(st.sampled_from([torch.float64, torch.int32, torch.float16]))) \
+            if kind == "dtype" else torch.zeros(*[s + 1 for s in v.shape], 2)
+        store.save_tensors(f, tensors, store.tensors_metadata(raw))
+    elif name == "config.json":
+        d = json.loads(raw)
+        section = data.draw(st.sampled_from(["model", "train", "task", "seed", "model_sha256"]))
+        if isinstance(d.get(section), dict) and d[section]:
+            d[section][data.draw(st.sampled_from(sorted(d[section])))] = data.draw(JSONISH)
+        else:
+            d[section] = data.draw(JSONISH)
+        f.write_text(json.dumps(d))
+    elif name == "metrics.jsonl":
+        f.write_text(json.dumps(data.draw(JSONISH)) + "\n")
+    return f"{kind} {name}"
+
+
+@pytest.mark.slow
+@seed(19)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_damaged_run_directories(tmp_path_factory, runs, data):
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(runs["a"], run)
+    what = damage(data, run, runs["b"])
+    argv = data.draw(st.sampled_from([["eval", str(run)], ["show", str(run), "5 1 3"],
+                                      ["train", "--resume", str(run), "--steps", "6", "--quiet"],
+                                      ["certify", str(run), "--length", "2"]]))
+    code, _, err = cli(argv)
+    assert_clean(code, err, run), what
+
+
+@pytest.mark.slow
+def test_fuzzing_stayed_in_bounded_memory():
+    """Run after the fuzzers (file order): the process never held more than 4 GB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    assert peak < 4e9, peak
