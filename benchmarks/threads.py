@@ -3,6 +3,7 @@
     python benchmarks/threads.py                       # add, fib, induction; 3 repeats (~5 min on 2 cores)
     python benchmarks/threads.py --tasks induction --repeats 5
     python benchmarks/threads.py --no-mid              # without the load that starts mid-run
+    python benchmarks/threads.py --all-cores           # also threads=N fixed (the old default)
 
 Each timed run is ``qkov.train(task, seed=0, train_config=...)`` with the task's reference
 settings and fewer steps (``--steps``; evaluation at the start and the end only, no checkpoints),
@@ -20,13 +21,15 @@ The competing process is this script's own child, runs at most ``--busy-limit`` 
 happens and is killed in a ``finally``. The order of default and one-thread runs alternates between
 repeats. The script prints every run, then per task and state the medians, the ratio
 default / one thread (the goal: at most 1.25 under load, and no slower than one thread when
-quiet), and the load average, since on a shared machine "quiet" is only as quiet as the others.
+quiet; with ``--all-cores`` also all cores / one thread), and the load average, since on a
+shared machine "quiet" is only as quiet as the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,12 +43,14 @@ from qkov.threads import thread_count_invariant
 STEPS = {"add": 150, "fib": 300, "induction": 300}
 GOAL = 1.25
 SPIN = """
-import sys, time
+import os, sys, time
+parent = os.getppid()
 time.sleep(float(sys.argv[1]))
 end = time.monotonic() + float(sys.argv[2])
 x = 0
-while time.monotonic() < end:
-    x += 1
+while time.monotonic() < end and os.getppid() == parent:   # dies with the benchmark, or at the limit
+    for _ in range(100_000):
+        x += 1
 """
 
 
@@ -65,12 +70,13 @@ class Busy:
         self.proc.wait()
 
 
-def timed_run(name: str, steps: int, threads: int) -> float:
+def timed_run(name: str, steps: int, threads: int) -> tuple[float, float]:
+    """Wall and CPU seconds (all of this process's threads) of one ``qkov.train`` call."""
     task = qkov.get_task(name)
     cfg = task.train_config().replace(steps=steps, eval_every=steps, checkpoint_every=0, threads=threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     qkov.train(task, seed=0, train_config=cfg, quiet=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> int:
@@ -79,8 +85,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=float, default=1.0, help=f"scale the step counts (default 1: {STEPS})")
     ap.add_argument("--no-mid", action="store_true", help="skip the load that starts mid-run")
-    ap.add_argument("--busy-limit", type=float, default=300.0, help="longest a competing process lives, s")
+    ap.add_argument("--all-cores", action="store_true",
+                    help="also time threads fixed at torch's setting (the default before ThreadPolicy)")
+    ap.add_argument("--busy-limit", type=float, default=180.0, help="longest a competing process lives, s")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # a kill still ends the busy child
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, "
           f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores; "
@@ -91,26 +100,30 @@ def main() -> int:
         timed_run(name, 10, 1)
 
     states = ["quiet", "busy"] + ([] if args.no_mid else ["busy from mid-run"])
+    many = torch.get_num_threads()
+    counts = [0, 1] + ([many] if args.all_cores and many > 1 else [])
     walls: dict[tuple[str, str, int], list[float]] = {}
     for rep in range(args.repeats):
         for name in args.tasks:
-            order = (0, 1) if rep % 2 == 0 else (1, 0)
+            order = counts if rep % 2 == 0 else counts[::-1]
             for state in states:
                 for threads in order:
                     if state == "quiet":
-                        wall = timed_run(name, steps[name], threads)
+                        wall, cpu = timed_run(name, steps[name], threads)
                     else:
                         quiet_one = walls.get((name, "quiet", 1), [10.0])
                         delay = statistics.median(quiet_one) / 2 if state != "busy" else 0.0
                         with Busy(delay, args.busy_limit):
-                            wall = timed_run(name, steps[name], threads)
+                            wall, cpu = timed_run(name, steps[name], threads)
                     walls.setdefault((name, state, threads), []).append(wall)
-                    label = "default" if threads == 0 else "threads=1"
+                    label = "default" if threads == 0 else f"threads={threads}"
                     print(f"  repeat {rep + 1}  {name:9s} {state:17s} {label:9s} {wall:6.2f} s "
-                          f"({1e3 * wall / steps[name]:.1f} ms a step, load {os.getloadavg()[0]:.2f})", flush=True)
+                          f"({1e3 * wall / steps[name]:.1f} ms a step; CPU {cpu:6.2f} s; "
+                          f"load {os.getloadavg()[0]:.2f})", flush=True)
 
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
-    print(f"{'task':9s} {'steps':>5s}  {'machine':17s} {'default':>9s} {'threads=1':>10s} {'ratio':>6s}")
+    extra = f" {'threads=' + str(many):>10s} {'ratio':>6s}" if many in counts else ""
+    print(f"{'task':9s} {'steps':>5s}  {'machine':17s} {'default':>9s} {'threads=1':>10s} {'ratio':>6s}{extra}")
     worst = 0.0
     for name in args.tasks:
         for state in states:
@@ -119,7 +132,11 @@ def main() -> int:
             ratio = d / one
             if state != "quiet":
                 worst = max(worst, ratio)
-            print(f"{name:9s} {steps[name]:5d}  {state:17s} {d:8.2f}s {one:9.2f}s {ratio:6.2f}")
+            line = f"{name:9s} {steps[name]:5d}  {state:17s} {d:8.2f}s {one:9.2f}s {ratio:6.2f}"
+            if many in counts:
+                all_cores = statistics.median(walls[(name, state, many)])
+                line += f" {all_cores:9.2f}s {all_cores / one:6.2f}"
+            print(line)
     print(f"worst ratio under load: {worst:.2f} (goal <= {GOAL})")
     return 0 if worst <= GOAL else 1
 
