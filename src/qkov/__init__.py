@@ -1,6 +1,6 @@
 """qkov: train small transformers on algorithmic tasks and read their QK and OV circuits."""
 
-from . import circuits
+from . import circuits, edges, interventions, patching
 from ._version import __version__ as __version__  # written once, in _version.py
 from .analyze import Summary, analyze
 from .certify import certify
@@ -26,6 +26,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelConfig", "QkovError", "Run", "Summary", "Task", "TrainConfig", "Transformer",
-    "analyze", "certify", "circuits", "from_transformer_lens", "get_task", "load", "load_run", "resume", "show",
+    "analyze", "certify", "circuits", "edges", "from_transformer_lens", "get_task", "interventions", "load",
+    "load_run", "patching", "resume", "show",
     "sweep", "to_transformer_lens", "train", "write_report",
 ]

@@ -133,7 +133,7 @@ def _setup(model, corrupted_tokens, clean_cache) -> tuple[Tensor, Corrupted, dic
         f"blocks.{l}.{n}" for l in range(model.cfg.n_layers) for n in ("attn.hook_z", "hook_mlp_out")
         if n != "hook_mlp_out" or model.cfg.d_mlp is not None])
     clean, corrupt = outputs(model, clean_cache), outputs(model, cache)
-    return tokens, run, {k: clean[k].to(tokens.device) - corrupt[k] for k in clean}
+    return tokens, run, {k: (clean[k].to(tokens.device) - corrupt[k]).detach() for k in clean}
 
 
 # ------------------------------------------------------------------ path patching

@@ -286,3 +286,8 @@ def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> T
     """``resid_pre``, ``attn_out`` and ``mlp_out`` by position: ``[3, n_layers, pos]``."""
     fns = (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)
     return torch.stack([f(model, corrupted_tokens, clean_cache, metric) for f in fns])
+
+
+for _name, _fn in list(globals().items()):    # TransformerLens's names in reprs and tracebacks
+    if _name.startswith("get_act_patch_") and _fn.__name__ == "fn":
+        _fn.__name__ = _fn.__qualname__ = _name

@@ -31,7 +31,7 @@ from torch import Tensor
 def check(id: str, text: str, intervention: str, metric: str, before: float, after: float,
           holds: bool) -> dict[str, Any]:
     return {"id": id, "text": text, "intervention": intervention, "metric": metric,
-            "before": round(float(before), 6), "after": round(float(after), 6), "holds": bool(holds)}
+            "before": float(f"{before:.6g}"), "after": float(f"{after:.6g}"), "holds": bool(holds)}
 
 
 def _pct(x: float) -> str:
