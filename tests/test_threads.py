@@ -118,11 +118,8 @@ def test_small_steps_keep_one_thread_and_larger_ones_adapt():
 # ----------------------------------------------------------------------- bit-exactness
 needs_invariance = pytest.mark.skipif(
     not thread_count_invariant(), reason="torch without MKL's strict CNR mode: auto keeps one thread")
-SOFTMAX_OVER_KEYS = pytest.mark.xfail(
-    strict=True, reason="fastpath/tables.py: softmax(dim=0) over the key position gives different bits on "
-                        "1 and 2 threads when the rows after it are not a multiple of the vector width")
 SMALL = [("add", {"steps": 6}), ("fib", {"steps": 12}), ("induction", {"steps": 12}),
-         pytest.param("modadd", {"p": 23, "steps": 20}, marks=SOFTMAX_OVER_KEYS)]
+         ("modadd", {"p": 23, "steps": 20})]
 
 
 def weights(name: str, sets: dict, threads: int) -> dict[str, torch.Tensor]:

@@ -92,8 +92,11 @@ class TablePath:
 
         Every (key row, query row) score comes from one matmul per head, then one gather per
         example: a matmul runs far faster than per-example dot products and their broadcast
-        backward. Key position first for the softmax: one over a leading dim is vectorised
-        across the batch, several times faster on CPU than one over a short last dim.
+        backward. Key position first for the softmax: over a leading dim it is vectorised across
+        the batch, several times faster on CPU than over a short last dim. It is written out
+        (max, exp, sum, divide), not torch's softmax(dim=0): that kernel splits the rows after
+        the softmax dim between threads and rounds the split's edges differently, so the weights
+        would depend on the thread count; each step here computes every element alike.
         """
         nk, V, h, e = k_tab.shape
         B, P = len(tokens), len(self.positions)
@@ -103,7 +106,9 @@ class TablePath:
         q_rows = self.query_rows(tokens, V)[None, :, :, None]                  # [1, b, p, 1]
         idx = (k_rows + self._heads * (nk * V)) * (P * V) + q_rows             # [k, b, p, h]
         scores = table.reshape(-1).index_select(0, idx.reshape(-1)).view(nk, B, P, h)
-        return scores.masked_fill(self._masked, float("-inf")).softmax(dim=0).permute(1, 2, 0, 3)
+        scores = scores.masked_fill(self._masked, float("-inf"))
+        weights = (scores - scores.amax(0, keepdim=True)).exp()                # [k, b, p, h]
+        return (weights / weights.sum(0, keepdim=True)).permute(1, 2, 0, 3)
 
     def _mix(self, tokens: Tensor, pattern: Tensor, tables: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
         """``Σ_(k,h) pattern · ov_tab[k, token_k, h] + skip_tab[p, token_p]`` per (example, scored position).
