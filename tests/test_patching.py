@@ -172,3 +172,30 @@ def test_mistakes_get_one_line_errors():
         E.get_path_patch_head_to_head(model, corrupted, cc, metric, receiver=(0, 1))
     with pytest.raises(QkovError, match="differentiates the metric"):
         E.eap(model, corrupted, cc, lambda logits: float(logits.mean()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_interventions_and_patching_on_the_gpu_equal_the_cpu():
+    import copy
+
+    from qkov import interventions as I
+    from qkov import path_ablations as PA
+
+    _, model = tl_pair("mlp-LN", seed=6, n_ctx=6)
+    gpu = copy.deepcopy(model).cuda()
+    clean, corrupted, metric = pairs_of(model, 2)
+    reference = tokens_for(model, 8, seed=9)
+    for build in (lambda m: I.ablate_heads(m, [(1, 2)], "mean", reference),
+                  lambda m: I.ablate_heads(m, [(0, 1)], "resample", reference, seed=2),
+                  lambda m: I.remove_positions(m, 0, inputs="k") + I.ablate_neurons(m, {1: [0, 3]}, "zero"),
+                  lambda m: PA.ablate_path(m, (0, 1), [(1, 0)], "k", "mean", reference)):
+        torch.testing.assert_close(I.run(gpu, build(gpu), clean).cpu(), I.run(model, build(model), clean))
+    _, cpu_cache = model.run_with_cache(clean)
+    _, gpu_cache = gpu.run_with_cache(clean.cuda())
+    gpu_metric = lambda logits: metric(logits.cpu())  # noqa: E731
+    for name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_by_pos"):
+        torch.testing.assert_close(getattr(P, name)(gpu, corrupted, gpu_cache, gpu_metric).cpu(),
+                                   getattr(P, name)(model, corrupted, cpu_cache, metric), rtol=1e-5, atol=1e-6)
+    for fn in (E.edge_patching, E.eap):
+        torch.testing.assert_close(fn(gpu, corrupted, gpu_cache, gpu_metric).scores,
+                                   fn(model, corrupted, cpu_cache, metric).scores, rtol=1e-4, atol=1e-6)
