@@ -351,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
+            print("qkov: no COMMAND given; pick one of those above, e.g. qkov train max", file=sys.stderr)
             return 2
         return args.fn(args)
     except QkovError as e:
-        print(f"qkov: {e}", file=sys.stderr)
+        print(f"qkov: {one_line(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `qkov analyze DIR | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -366,14 +367,24 @@ def main(argv: list[str] | None = None) -> int:
         return _unexpected(e)
 
 
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and control characters escaped (a message that echoes what
+    was typed stays one line on a terminal).
+
+    >>> one_line("unknown task 'a\\nb\\x85'")
+    "unknown task 'a\\\\nb\\\\x85'"
+    """
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _unexpected(e: Exception) -> int:
     """One line for what no check caught: an OS error (exit 2, with the path), memory that ran
     out (exit 2), or a bug in qkov (exit 1; QKOV_TRACEBACK=1 prints the traceback)."""
     if os.environ.get("QKOV_TRACEBACK"):
         raise e
-    text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    text = one_line(str(e).splitlines()[0][:300]) if str(e).strip() else type(e).__name__
     if isinstance(e, OSError):
-        where = f" {e.filename}" if e.filename else ""
+        where = f" {one_line(str(e.filename))}" if e.filename else ""
         print(f"qkov: cannot use{where} ({e.strerror or text}); check the path, its permissions and free space",
               file=sys.stderr)
         return 2

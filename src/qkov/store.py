@@ -248,10 +248,13 @@ def read_config(path: str | Path) -> RunConfig:
         train = TrainConfig.from_dict(d["train"])
     except QkovError as e:
         raise QkovError(f"{f}: {e}") from None
-    except (TypeError, KeyError, AttributeError) as e:
-        raise QkovError(f"{f} holds a malformed config ({e}); retrain the run") from None
+    except (TypeError, KeyError, AttributeError, ValueError, OverflowError) as e:
+        raise QkovError(f"{f} holds a malformed config ({str(e)[:200]}); retrain the run") from None
+    seed = d.get("seed", 0)
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise QkovError(f"{f} has seed={str(seed)[:40]!r}; expected an integer >= 0: it was edited, retrain the run")
     extra = {k: v for k, v in d.items() if k not in ("task", "model", "train", "seed", "qkov_version")}
-    return RunConfig(task, model, train, int(d.get("seed", 0)), extra)
+    return RunConfig(task, model, train, seed, extra)
 
 
 # ----------------------------------------------------------------- weights
@@ -405,13 +408,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not f.is_file():
         return []
     rows = []
-    for line in f.read_text().splitlines():
+    try:
+        text = f.read_text()
+    except UnicodeDecodeError:
+        raise QkovError(f"{f} is not UTF-8 text; it was damaged: retrain the run, or delete it") from None
+    for line in text.splitlines():
         line = line.strip()
         if line:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise QkovError(f"{f} has a line that is not JSON; it was edited or truncated") from None
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise QkovError(f"{f} has a line that is not an evaluation (a JSON object with an integer step); "
+                                f"it was edited: retrain the run, or delete the line")
+            rows.append(row)
     return rows
 
 
@@ -533,6 +544,8 @@ def run_lock(path: str | Path, create: bool = True) -> Iterator[Path]:
         except OSError:
             raise QkovError(f"another qkov process is writing {path}; wait for it to finish, "
                             f"or pass another --out") from None
+        for stale in [*path.glob(".*.tmp"), *(path / CHECKPOINTS).glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)  # a killed writer's temporaries: no one else writes here now
         yield path
     finally:
         os.close(fd)
@@ -674,6 +687,10 @@ def load_train_state(path: str | Path, model_config: ModelConfig) -> TrainState:
     step = tensors_metadata(data).get("step", "")
     if not step.isdigit() or "rng" not in tensors:
         raise QkovError(f"{f} lacks its step or RNG state; it was not written by qkov or was edited: {fix}")
+    rng = tensors["rng"]
+    if rng.dtype != torch.uint8 or rng.shape != torch.Generator().get_state().shape:
+        raise QkovError(f"{f}: its RNG state is {rng.dtype} of shape {tuple(rng.shape)}, not a generator's state; "
+                        f"it was edited: {fix}")
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model = build_model(model_config, weights, str(f))
     params = dict(model.named_parameters())
@@ -685,8 +702,11 @@ def load_train_state(path: str | Path, model_config: ModelConfig) -> TrainState:
         if name not in params:
             raise QkovError(f"{f} holds optimizer state for {name}, which the model does not have; "
                             f"the files come from different runs or were edited")
-        if v.ndim and v.shape != params[name].shape:
-            raise QkovError(f"{f}: {k} has shape {tuple(v.shape)} but {name} has {tuple(params[name].shape)}; "
+        want = () if key == "step" else tuple(params[name].shape)
+        if tuple(v.shape) != want:
+            raise QkovError(f"{f}: {k} has shape {tuple(v.shape)} but {name} has {want}; "
                             f"the files come from different runs or were edited")
+        if v.dtype != torch.float32:
+            raise QkovError(f"{f}: {k} is {v.dtype}, not float32; it was not written by qkov or was edited")
         optimizer_state.setdefault(name, {})[key] = v
     return TrainState(int(step), model, optimizer_state, tensors["rng"])
