@@ -141,3 +141,15 @@ def test_two_trainers_on_one_out_cannot_interleave(tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+@pytest.mark.parametrize("mount", [True, False], ids=["tmpfs", "injected"])
+def test_full_disk_keeps_the_earlier_file(mount):
+    """A report, summary or config rewritten on a full disk: one line, the old file as it was."""
+    with small_disk(200_000, mount) as disk:
+        page = disk / "report.html"
+        store.atomic_write_bytes(page, b"old" * 20_000)
+        with pytest.raises(store.QkovError, match=r"cannot write .*report.html .*the disk is full"):
+            store.atomic_write_bytes(page, b"new" * 60_000)
+        assert page.read_bytes() == b"old" * 20_000
+        assert not list(disk.glob("*.tmp"))

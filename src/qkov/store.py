@@ -419,11 +419,30 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise QkovError(f"{f} has a line that is not JSON; it was edited or truncated") from None
-            if not isinstance(row, dict) or type(row.get("step")) is not int:
-                raise QkovError(f"{f} has a line that is not an evaluation (a JSON object with an integer step); "
-                                f"it was edited: retrain the run, or delete the line")
+            if not _is_eval_row(row):
+                raise QkovError(f"{f} has a line that is not an evaluation (a JSON object with an integer step, "
+                                f"numbers for accuracy and loss); it was edited: retrain the run")
             rows.append(row)
     return rows
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_eval_row(row: Any) -> bool:
+    """Whether a metrics.jsonl line has what readers of it take: an integer step, numbers for
+    accuracy and loss (and elapsed_s, when there), and groups (by_length, by_position) of accuracy, loss, n."""
+    if not isinstance(row, dict) or type(row.get("step")) is not int:
+        return False
+    if not all(_is_number(row.get(k)) for k in ("accuracy", "loss")):
+        return False
+    if "elapsed_s" in row and not _is_number(row["elapsed_s"]):
+        return False
+    groups = [row[k] for k in ("by_length", "by_position") if k in row]
+    return all(isinstance(g, dict) and all(isinstance(m, dict) and all(_is_number(m.get(k)) for k in
+                                                                        ("accuracy", "loss", "n"))
+                                           for m in g.values()) for g in groups)
 
 
 def write_metrics(path: str | Path, rows: list[dict[str, Any]]) -> None:
