@@ -42,3 +42,54 @@ def test_min_reference_run_reaches_999_at_every_length_and_attends_to_the_minimu
     assert found["top_key_is_min"] >= 0.99
     assert found["key_rank_correlation"] < -0.9
     assert found["copying_score"] > 0.9
+
+
+@pytest.mark.parametrize("name, rule", [("sort", sorted), ("reverse", lambda xs: xs[::-1])])
+def test_list_tasks_write_the_output_after_the_separator_and_score_it(name, rule):
+    task = get_task(name)
+    batch = task.sample(32, torch.Generator().manual_seed(0))
+    for tokens, targets in zip(batch.tokens.tolist(), batch.targets.tolist()):
+        n = tokens.index(task.sep)
+        assert 2 <= n <= 10 and all(t < task.vocab for t in tokens[:n])
+        assert targets[n : 2 * n] == rule(tokens[:n])                       # y_i predicted one position early
+        assert tokens[n + 1 : 2 * n] == rule(tokens[:n])[: n - 1]
+        assert all(t == -100 for t in targets[:n] + targets[2 * n :])
+    assert task.expected(task.parse("5 3 9 1")) == rule([5, 3, 9, 1])
+    with pytest.raises(qkov.QkovError, match="write the list alone"):
+        task.parse("5 3 | 3 5")
+
+
+def test_list_tasks_count_whole_lists_by_length():
+    task = get_task("sort", max_len=4)
+    out = task.evaluate(qkov.Transformer(task.model_config()))
+    assert set(out["by_length"]) == {"2", "3", "4"} and out["exact"] <= out["accuracy"]
+    assert sum(g["n"] for g in out["by_length"].values()) == len(task.eval_batch())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sort", "reverse"])
+def test_list_reference_runs_get_99_percent_of_whole_lists_right(trained, name):
+    run = trained(name)
+    assert all(g["accuracy"] >= 0.99 for g in run.final["by_length"].values()), run.final["by_length"]
+    shown = qkov.show(run.model, run.task, "5 3 9 1")[0]
+    assert shown.output == " ".join(map(str, sorted([5, 3, 9, 1]) if name == "sort" else [1, 9, 3, 5]))
+
+
+def test_histogram_counts_each_token_in_the_second_copy():
+    task = get_task("histogram")
+    batch = task.sample(32, torch.Generator().manual_seed(0))
+    for tokens, targets in zip(batch.tokens.tolist(), batch.targets.tolist()):
+        n = tokens.index(task.sep)
+        xs = tokens[:n]
+        assert tokens[n + 1 : 2 * n + 1] == xs
+        assert targets[n + 1 : 2 * n + 1] == [xs.count(x) for x in xs]
+        assert all(t == -100 for t in targets[: n + 1] + targets[2 * n + 1 :])
+    shown_input = task.parse("3 5 3")
+    assert task.expected(shown_input) == [2, 1, 2] and task.answer_positions(shown_input) == [4, 5, 6]
+
+
+@pytest.mark.slow
+def test_histogram_reference_run_counts_99_percent_of_positions(trained):
+    run = trained("histogram")
+    assert run.final["accuracy"] >= 0.99
+    assert qkov.show(run.model, run.task, "3 5 3 7")[0].output == "2 1 2 1"

@@ -8,6 +8,8 @@ and a ``scored [batch, pos]`` mask of the positions that accuracy is measured on
 | ---- | --------------- |
 | max | ints 0..63, lengths 2..6, predict the max at the last position; 1 layer, 1 head, attention-only, d_model 32 |
 | min | as max, the minimum |
+| sort, reverse | 2..10 ints 0..63, '|', the list sorted (reversed), scored at every output position |
+| histogram | the list, '|', the list again; at each token of the copy, how often it occurs |
 | add | a + b with a + b <= 127, predicted at the second position; 1 layer, 1 head, d_model 128, d_mlp 128 |
 | fib | x1..x5 with x(i+1) = x(i) + x(i-1) <= 127, each next element from the two before; same model as add |
 | modadd | [a, b, =] -> (a + b) mod 113, 30% train split, Nanda et al.'s grokking setup |
@@ -23,7 +25,7 @@ from ..errors import QkovError
 from .arithmetic import AddTask, FibTask, MaxTask, ModAddTask
 from .base import IGNORE, Batch, FiniteTask, Scorer, Task, as_index, as_scorer, nll_and_prediction
 from .induction import InductionTask
-from .lists import MinTask
+from .lists import HistogramTask, MinTask, ReverseTask, SortTask
 from .loading import load_class, resolve, source_of
 
 __all__ = [
@@ -32,7 +34,8 @@ __all__ = [
     "task_from_dict", "configure", "Scorer", "as_scorer", "as_index", "nll_and_prediction",
 ]
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MaxTask, MinTask, AddTask, FibTask, ModAddTask, InductionTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (
+    MaxTask, MinTask, AddTask, FibTask, ModAddTask, InductionTask, SortTask, ReverseTask, HistogramTask)}
 
 
 def get_task(name: str | Task, **overrides: Any) -> Task:
