@@ -33,7 +33,6 @@ from typing import Any
 from . import store
 from .errors import QkovError
 from .store import RunConfig
-from .tasks import get_task
 
 DB = "qkov.db"
 LOCK = ".qkov-writer.lock"
@@ -59,7 +58,7 @@ def settings_of(rc: RunConfig) -> dict[str, Any]:
     >>> settings_of(RunConfig(task, m, t, 0))
     {'max_len': 4, 'lr': 0.003}
     """
-    base = get_task(rc.task.name)
+    base = type(rc.task)()            # the task's own defaults (found by class: a task of your own too)
     out = {k: v for k, v in rc.task.params.items() if base.params.get(k) != v}
     for mine, ref in ((rc.model.to_dict(), rc.task.model_config().to_dict()),
                       (rc.train.to_dict(), rc.task.train_config().to_dict())):
