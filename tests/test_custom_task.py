@@ -150,3 +150,12 @@ def test_train_by_file_then_load_eval_analyze_report_show_in_new_processes(task_
     show = _qkov("show", run, "3 9 4 1", cwd=elsewhere)
     assert show.returncode == 0, show.stderr
     assert "answer    3 9 4" in show.stdout and "(correct)" in show.stdout
+
+
+def test_the_registry_reads_a_task_of_your_own_against_its_defaults(task_file):
+    from qkov.registry import settings_of
+    from qkov.store import RunConfig
+
+    task = resolve(f"{task_file}:LastSeen")(vocab=10)
+    rc = RunConfig(task, task.model_config(), task.train_config().replace(lr=3e-3), 0)
+    assert settings_of(rc) == {"vocab": 10, "lr": 3e-3}
