@@ -19,8 +19,8 @@ them see the same background:
 
 The competing process is this script's own child, runs at most ``--busy-limit`` seconds whatever
 happens and is killed in a ``finally``. The order of default and one-thread runs alternates between
-repeats. The script prints every run, then per task and state the medians, the ratio
-default / one thread (the goal: at most 1.25 under load, and no slower than one thread when
+repeats. The script prints every run, then per task and state the medians, the median of the
+paired ratios default / one thread (the goal: at most 1.25 under load, and no slower than one thread when
 quiet; with ``--all-cores`` also all cores / one thread), and the load average, since on a
 shared machine "quiet" is only as quiet as the others.
 """
@@ -103,6 +103,7 @@ def main() -> int:
     many = torch.get_num_threads()
     counts = [0, 1] + ([many] if args.all_cores and many > 1 else [])
     walls: dict[tuple[str, str, int], list[float]] = {}
+    cpus: dict[tuple[str, str, int], list[float]] = {}
     for rep in range(args.repeats):
         for name in args.tasks:
             order = counts if rep % 2 == 0 else counts[::-1]
@@ -116,26 +117,33 @@ def main() -> int:
                         with Busy(delay, args.busy_limit):
                             wall, cpu = timed_run(name, steps[name], threads)
                     walls.setdefault((name, state, threads), []).append(wall)
+                    cpus.setdefault((name, state, threads), []).append(cpu)
                     label = "default" if threads == 0 else f"threads={threads}"
                     print(f"  repeat {rep + 1}  {name:9s} {state:17s} {label:9s} {wall:6.2f} s "
                           f"({1e3 * wall / steps[name]:.1f} ms a step; CPU {cpu:6.2f} s; "
                           f"load {os.getloadavg()[0]:.2f})", flush=True)
 
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+    # ratio: the median over repeats of default / one thread, each pair run back to back (so a
+    # background that changes between repeats cancels); cpu: the same for CPU seconds, which
+    # grow when threads spin for a core and barely move when others only delay us.
     extra = f" {'threads=' + str(many):>10s} {'ratio':>6s}" if many in counts else ""
-    print(f"{'task':9s} {'steps':>5s}  {'machine':17s} {'default':>9s} {'threads=1':>10s} {'ratio':>6s}{extra}")
+    print(f"{'task':9s} {'steps':>5s}  {'machine':17s} {'default':>9s} {'threads=1':>10s} {'ratio':>6s} "
+          f"{'cpu':>5s}{extra}")
     worst = 0.0
     for name in args.tasks:
         for state in states:
-            d = statistics.median(walls[(name, state, 0)])
-            one = statistics.median(walls[(name, state, 1)])
-            ratio = d / one
+            d, one = walls[(name, state, 0)], walls[(name, state, 1)]
+            ratio = statistics.median(a / b for a, b in zip(d, one))
+            cpu = statistics.median(a / b for a, b in zip(cpus[(name, state, 0)], cpus[(name, state, 1)]))
             if state != "quiet":
                 worst = max(worst, ratio)
-            line = f"{name:9s} {steps[name]:5d}  {state:17s} {d:8.2f}s {one:9.2f}s {ratio:6.2f}"
+            line = (f"{name:9s} {steps[name]:5d}  {state:17s} {statistics.median(d):8.2f}s "
+                    f"{statistics.median(one):9.2f}s {ratio:6.2f} {cpu:5.2f}")
             if many in counts:
-                all_cores = statistics.median(walls[(name, state, many)])
-                line += f" {all_cores:9.2f}s {all_cores / one:6.2f}"
+                all_cores = walls[(name, state, many)]
+                line += (f" {statistics.median(all_cores):9.2f}s "
+                         f"{statistics.median(a / b for a, b in zip(all_cores, one)):6.2f}")
             print(line)
     print(f"worst ratio under load: {worst:.2f} (goal <= {GOAL})")
     return 0 if worst <= GOAL else 1
