@@ -14,8 +14,9 @@ Switching mid-run must not change the weights. Two threads split the long inner 
 gradient's matmul (``xᵀ @ grad`` over the batch) differently from one, so the sums round
 differently; importing this module turns on MKL's strict conditional numerical reproducibility
 (CNR), which makes its matmuls bit-identical for any thread count (measured on one thread:
-10-20% slower on those long-inner matmuls, 0-6% on the others; a step 3-15%). Where that is not possible (a torch without MKL,
-``MKL_CBWR`` set without ``STRICT``, or MKL already used before qkov was imported) the thread
+10-20% slower on those long-inner matmuls, 0-6% on the others; a step 3-15%). Where that is not
+possible (a torch without MKL, ``MKL_CBWR`` set without ``STRICT``, or MKL already used before
+qkov was imported) the thread
 count would change the results, and auto mode stays on one thread for the whole run.
 
 >>> policy = ThreadPolicy(2)                 # a fixed count: never changed
