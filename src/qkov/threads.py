@@ -1,8 +1,8 @@
 """How many intra-op threads a training run uses: :class:`ThreadPolicy`.
 
-A second torch thread speeds a large enough step up on an idle machine (two cores: modadd
-p = 113 ~1.7x, induction ~1.4x) and slows every step down 5-30x when another process holds a
-core: torch's OpenMP runtime (libgomp) makes each thread spin at the end of every parallel
+A second torch thread speeds a large enough step up on an idle machine (two cores: 1.3-1.7x for
+add, fib, induction and modadd p = 113) and slows every step down 5-20x when another process holds
+a core: torch's OpenMP runtime (libgomp) makes each thread spin at the end of every parallel
 region until all have arrived, so a step's hundreds of regions each wait for the thread that
 has no core. No fixed choice suits both, and load changes while a run trains, so with
 ``train.threads = 0`` the policy measures: it starts on one thread, times blocks of steps on
@@ -14,10 +14,10 @@ Switching mid-run must not change the weights. Two threads split the long inner 
 gradient's matmul (``xᵀ @ grad`` over the batch) differently from one, so the sums round
 differently; importing this module turns on MKL's strict conditional numerical reproducibility
 (CNR), which makes its matmuls bit-identical for any thread count (measured on one thread:
-10-20% slower on those long-inner matmuls, 0-6% on the others; a step 3-15%). Where that is not
-possible (a torch without MKL, ``MKL_CBWR`` set without ``STRICT``, or MKL already used before
-qkov was imported) the thread
-count would change the results, and auto mode stays on one thread for the whole run.
+10-20% slower on those long-inner matmuls, 0-6% on the others, 5-7% of a training step's CPU
+time). Where that is not possible (a torch without MKL, ``MKL_CBWR`` set without ``STRICT``, or
+MKL already used before qkov was imported) the thread count would change the results, and auto
+mode stays on one thread for the whole run.
 
 >>> policy = ThreadPolicy(2)                 # a fixed count: never changed
 >>> with policy:
