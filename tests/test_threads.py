@@ -117,7 +117,13 @@ def test_small_steps_keep_one_thread_and_larger_ones_adapt():
 
 # ----------------------------------------------------------------------- bit-exactness
 needs_invariance = pytest.mark.skipif(
-    not thread_count_invariant(), reason="torch without MKL's strict CNR mode: auto keeps one thread")
+    not torch.backends.mkl.is_available(), reason="torch without MKL: no strict CNR mode, auto keeps one thread")
+
+
+@needs_invariance
+def test_importing_qkov_turns_on_mkls_strict_mode():
+    """Before any matmul of the session (conftest imports qkov first): MKL refuses the change later."""
+    assert thread_count_invariant()
 SMALL = [("add", {"steps": 6}), ("fib", {"steps": 12}), ("induction", {"steps": 12}),
          ("modadd", {"p": 23, "steps": 20})]
 
