@@ -89,11 +89,12 @@ class TrainConfig:
     ``eval_every`` and ``checkpoint_every`` count optimizer steps (0 = never checkpoint; a run
     resumes from its newest checkpoint);
     ``target_accuracy`` stops training at the first eval that reaches it (None = never);
-    ``threads`` sets torch's intra-op threads for the run (0 = one for small models, torch's
-    setting for larger ones); ``device`` is where the model, its batches and its evaluation live:
+    ``threads`` sets torch's intra-op threads for the run (0 = chosen while it trains by
+    :class:`qkov.threads.ThreadPolicy`: one for small models, for larger ones the faster of one
+    thread and all cores, measured); ``device`` is where the model, its batches and its evaluation live:
     ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda if torch sees a GPU, else mps, else
     cpu), checked against this machine by :func:`qkov.devices.resolve_device`. Results are
-    bit-exact for the same seed, configs, thread count and device (devices differ in rounding).
+    bit-exact for the same seed, configs and device, on any thread count (devices differ in rounding).
     """
 
     steps: int = 2000
@@ -106,7 +107,7 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 500
     target_accuracy: float | None = None
-    threads: int = 0  # torch intra-op threads while training; 0 = auto (see train.threads_for)
+    threads: int = 0  # torch intra-op threads while training; 0 = auto (qkov.threads.ThreadPolicy)
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
 
     def __post_init__(self) -> None:
