@@ -174,7 +174,7 @@ def test_cli_report_writes_and_refuses_bad_input(max_run, tmp_path, capsys):
     assert not (tmp_path / "x.html").exists()
     # a folder as the output file
     assert main(["report", str(max_run.path), "-o", str(tmp_path)]) == 2
-    assert "is a directory" in capsys.readouterr().err
+    assert "a folder is in the way where a file should be" in capsys.readouterr().err
     # a run directory without a model
     broken = tmp_path / "broken"
     broken.mkdir()
