@@ -195,6 +195,7 @@ def test_png_figures(max_run, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_tour_trains_then_reuses(tmp_path):
     result = tour(tmp_path / "tour", steps=20, quiet=True, tasks=("max", "add", "fib"))
     assert [x.task for x in result.entries] == ["max", "add", "fib"]

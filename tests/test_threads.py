@@ -140,12 +140,16 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @needs_invariance
+# Slow tier: two threads on a shared 2-core machine can take tens of seconds.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, sets", SMALL)
 def test_one_and_two_threads_train_the_same_weights(name, sets):
     assert_bit_identical(weights(name, sets, 1), weights(name, sets, 2))
 
 
 @needs_invariance
+# Slow tier: two threads on a shared 2-core machine can take tens of seconds.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, sets", [("add", {"steps": 6}), ("induction", {"steps": 12})])
 def test_switching_threads_every_step_trains_the_same_weights(name, sets, monkeypatch):
     def alternate(self, seconds):
@@ -166,6 +170,7 @@ def test_the_reference_tasks_pick_an_auto_mode():
 
 
 # ----------------------------------------------------------------------- qkov tour
+@pytest.mark.slow
 def test_the_tour_trains_with_the_thread_count_given_and_reuses_across_counts(tmp_path):
     from qkov.store import read_config
     from qkov.tour import tour

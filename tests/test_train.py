@@ -161,6 +161,7 @@ def test_bad_thread_counts_are_refused():
         get_task("max").train_config().replace(threads=-1)
 
 
+@pytest.mark.slow
 def test_multithreaded_runs_repeat_bit_exactly():
     """Same seed, configs and thread count -> identical weights, also with two threads and the
     plain forward (induction): the embedding's backward once summed in a varying order."""
