@@ -12,6 +12,8 @@ import torch
 
 tl = pytest.importorskip("transformer_lens")
 
+from tl_copies import perturb_biases  # noqa: E402
+
 import qkov.circuits as C  # noqa: E402
 from qkov.config import ModelConfig  # noqa: E402
 from qkov.errors import QkovError  # noqa: E402
@@ -29,11 +31,7 @@ def hooked(dtype=torch.float64, seed=0, **kw):
                 act_fn="gelu", normalization_type=None, seed=seed, dtype=dtype)
     cfg = tl.HookedTransformerConfig(**{**base, **kw})
     model = tl.HookedTransformer(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.split(".")[-1].startswith("W_"):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    perturb_biases(model, seed)
     return model.eval()
 
 

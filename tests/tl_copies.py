@@ -17,6 +17,16 @@ ARCHS = {
 }
 
 
+def perturb_biases(model, seed: int) -> None:
+    """Add seeded noise to every parameter that is not a ``W_`` matrix (biases, LayerNorm
+    weights): freshly initialised ones are zeros and ones, which would hide their bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.split(".")[-1].startswith("W_"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
 def tl_pair(arch: str = "mlp-LN", seed: int = 0, dtype=torch.float64, **kw):
     """``(tl_model, qkov_model)`` with the same weights, both in eval mode."""
     import transformer_lens as tl
@@ -25,11 +35,7 @@ def tl_pair(arch: str = "mlp-LN", seed: int = 0, dtype=torch.float64, **kw):
                 seed=seed, dtype=dtype, device="cpu")
     cfg = tl.HookedTransformerConfig(**{**base, **ARCHS[arch], **kw})
     model = tl.HookedTransformer(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.split(".")[-1].startswith("W_"):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    perturb_biases(model, seed)
     return model.eval(), from_transformer_lens(model)
 
 
