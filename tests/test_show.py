@@ -198,3 +198,63 @@ def test_a_task_that_reads_brackets_needs_nothing_else():
     assert shown.output in ("balanced", "unbalanced") and shown.expected is None and shown.correct is None
     with pytest.raises(QkovError, match=r"input '\(\(\(\(\(\(\(\(\(' has 9 tokens"):
         show(qkov.Transformer(cfg), task, "(" * 9)
+
+
+# ----------------------------------------------------------------- generated answers
+def next_token_model(task, sep_writes: int):
+    """A one-layer ``task`` model whose output is its input token + 1 (mod vocab), and
+    ``sep_writes`` at the separator: the direct path only (one-hot embedding, no attention output)."""
+    cfg = qkov.ModelConfig(n_layers=1, n_heads=1, d_model=task.d_vocab, d_vocab=task.d_vocab,
+                           d_vocab_out=task.d_vocab_out, n_ctx=task.seq_len)
+    model = qkov.Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.embed.W_E.copy_(torch.eye(task.d_vocab))
+        for t in range(task.vocab):
+            model.unembed.W_U[t, (t + 1) % task.vocab] = 1.0
+        model.unembed.W_U[task.sep, sep_writes] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("name", ["sort", "reverse"])
+def test_a_generated_answer_feeds_each_output_back(name):
+    task = get_task(name)
+    model = next_token_model(task, sep_writes=7)
+    (shown,) = show(model, task, "5 3 9 1")
+    # Generated: 7 at '|', then each output + 1. Teacher-forced, the model would answer
+    # 7 2 4 6 for sort (the right outputs 1 3 5 + 1) and 7 2 10 4 for reverse (1 9 3 + 1).
+    assert shown.generated and shown.output == "7 8 9 10" and shown.predictions == [7, 8, 9, 10]
+    assert shown.tokens == [5, 3, 9, 1, task.sep, 7, 8, 9] and shown.labels[5] == "(5) 7"
+    assert shown.positions == [4, 5, 6, 7] and shown.correct is False
+    assert len(shown.patterns["0.0"]) == 8                        # the attention on the generated sequence
+    assert "answer    7 8 9 10  (generated: each output token fed back)" in shown.to_text()
+    assert "(wrong: the generated answer differs from it at outputs 1, 2, 3, 4 of 4)" in shown.to_text()
+
+
+def test_each_step_reads_the_models_own_outputs_not_the_true_answer():
+    task = get_task("sort")
+    torch.manual_seed(0)
+    model = qkov.Transformer(task.model_config())                 # untrained: its outputs are not the answer
+    calls = []
+    forward = model.run_with_cache
+
+    def spy(tokens, **kwargs):
+        calls.append(tokens[0].tolist())
+        return forward(tokens, **kwargs)
+
+    model.run_with_cache = spy
+    (shown,) = show(model, task, "5 3 9 1")
+    assert shown.predictions != [1, 3, 5, 9]
+    # one run per output, each on the list, '|' and every output generated before it
+    assert calls == [[5, 3, 9, 1, task.sep] + shown.predictions[:i] for i in range(4)]
+    assert shown.tokens == calls[-1]
+
+
+def test_a_given_sequence_is_read_in_one_run():
+    task = get_task("histogram")                                  # the copy is input, not generated
+    torch.manual_seed(0)
+    model = qkov.Transformer(task.model_config())
+    (shown,) = show(model, task, "3 5 3")
+    assert not shown.generated and shown.tokens == task.parse("3 5 3") == [3, 5, 3, task.sep, 3, 5, 3]
+    assert "generated" not in shown.to_text() and shown.expected == "2 1 2"

@@ -71,8 +71,16 @@ def test_list_tasks_count_whole_lists_by_length():
 def test_list_reference_runs_get_99_percent_of_whole_lists_right(trained, name):
     run = trained(name)
     assert all(g["accuracy"] >= 0.99 for g in run.final["by_length"].values()), run.final["by_length"]
-    shown = qkov.show(run.model, run.task, "5 3 9 1")[0]
+    shown = qkov.show(run.model, run.task, "5 3 9 1")[0]            # generated: each output fed back
+    assert shown.generated and shown.correct
     assert shown.output == " ".join(map(str, sorted([5, 3, 9, 1]) if name == "sort" else [1, 9, 3, 5]))
+    # A list the model gets wholly right teacher-forced it also generates, and only those: each
+    # generated output is then the right one, so the next step reads what training fed it.
+    batch = run.task.eval_batch()[:64]
+    with torch.no_grad():
+        right = ((run.model(batch.tokens).argmax(-1) == batch.targets) | ~batch.scored).all(1).tolist()
+    lists = [t[: t.index(run.task.sep)] for t in batch.tokens.tolist()]
+    assert [s.correct for s in qkov.show(run.model, run.task, *lists)] == right
 
 
 def test_histogram_counts_each_token_in_the_second_copy():

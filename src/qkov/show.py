@@ -20,7 +20,12 @@ the report's ``--inputs`` draws these inputs' attention.
 (1) 59    0...    0...
 
 Which positions hold the answer, what the answer should be and how it is written are the task's
-(:class:`qkov.tasks.TaskText`); this module never asks which task it has.
+(:class:`qkov.tasks.TaskText`); this module never asks which task it has. Where the task's answer
+is a sequence the model writes after the input (``task.answer_is_generated``: ``sort``,
+``reverse``), the answer is generated: the model reads the prompt (``5 3 9 1 |``), its top output
+is appended and the model runs again, one output token at a time, so every prediction is made from
+the model's own earlier outputs and never from the true answer; ``tokens`` and the attention are
+then those of the generated sequence.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class Shown:
     correct: bool | None                    # every known expected id predicted (None: none known)
     top: list[list[dict[str, Any]]]         # per answer position: [{token, label, logit, prob}], best first
     patterns: dict[str, list[list[float]]]  # "layer.head" -> [query_pos][key_pos]
+    generated: bool = False                 # the answer was generated (each output fed back as the next token)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +80,13 @@ class Shown:
     def to_text(self) -> str:
         """What ``qkov show`` prints for this input: answer, expected, top logits, attention."""
         verdict = "" if self.correct is None else ("  (correct)" if self.correct else "  (wrong)")
-        lines = [f"input     {self.input}", f"answer    {self.output}"]
+        if self.generated and self.correct is False:
+            wrong = [str(i + 1) for i, (p, e) in enumerate(zip(self.predictions, self.expected_tokens))
+                     if e is not None and p != e]
+            verdict = (f"  (wrong: the generated answer differs from it at output{'s' * (len(wrong) > 1)} "
+                       f"{', '.join(wrong)} of {len(self.predictions)})")
+        how = "  (generated: each output token fed back)" if self.generated else ""
+        lines = [f"input     {self.input}", f"answer    {self.output}{how}"]
         if self.expected is not None:
             lines.append(f"expected  {self.expected}{verdict}")
         lines.append("top logits:")
@@ -141,12 +153,13 @@ def show(model, task: Task | str, *inputs: str | Sequence[int], top_k: int = TOP
 
 def _show_one(model, task: Task, text: str, tokens: list[int], top_k: int) -> Shown:
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    x = torch.tensor([tokens], device=model_device(model))                     # [1, pos]
-    logits, cache = model.run_with_cache(x, names_filter=names)                    # [1, pos, d_vocab_out]
     positions = task.answer_positions(tokens)
-    scores = logits[0, positions].float()                                      # [answers, d_vocab_out]
-    predictions = scores.argmax(-1).tolist()
     expected = task.expected(tokens)
+    if task.answer_is_generated:
+        tokens, scores, cache = _generate(model, task, names, tokens, positions)
+    else:
+        scores, cache = _forward(model, names, tokens, positions)
+    predictions = scores.argmax(-1).tolist()
     known = [(p, e) for p, e in zip(predictions, expected) if e is not None]
     labels = task.token_labels()
     probs = scores.softmax(-1)
@@ -162,4 +175,31 @@ def _show_one(model, task: Task, text: str, tokens: list[int], top_k: int) -> Sh
         positions=list(positions), predictions=predictions, output=task.format_answer(predictions),
         expected=task.format_answer(expected) if known else None, expected_tokens=list(expected),
         correct=all(p == e for p, e in known) if known else None, top=top, patterns=patterns,
+        generated=task.answer_is_generated,
     )
+
+
+def _forward(model, names: list[str], tokens: list[int], positions: list[int]):
+    """The model on ``tokens`` once: logits at ``positions`` ``[answers, d_vocab_out]`` and the
+    attention patterns' cache."""
+    x = torch.tensor([tokens], device=model_device(model))                     # [1, pos]
+    logits, cache = model.run_with_cache(x, names_filter=names)                    # [1, pos, d_vocab_out]
+    return logits[0, positions].float(), cache
+
+
+def _generate(model, task: Task, names: list[str], tokens: list[int], positions: list[int]):
+    """Greedy decoding from ``task.prompt(tokens)``: at each answer position the model runs on the
+    sequence so far and its top output is appended, so the next prediction reads the model's own
+    output. Returns the generated sequence (as long as ``tokens``), the logits at ``positions``
+    ``[answers, d_vocab_out]`` and the last run's cache (the whole generated sequence)."""
+    sequence = task.prompt(tokens)                 # the input: nothing of the true answer
+    if positions != list(range(len(sequence) - 1, len(sequence) - 1 + len(positions))):
+        raise QkovError(f"task {task.name!r} generates its answer but its answer positions {positions} do not "
+                        f"start at the prompt's last token ({len(sequence) - 1}) and follow one another")
+    rows = []
+    for i, p in enumerate(positions):
+        scores, cache = _forward(model, names, sequence, [p])                  # [1, d_vocab_out]
+        rows.append(scores[0])
+        if i + 1 < len(positions):
+            sequence.append(int(scores[0].argmax()))
+    return sequence, torch.stack(rows), cache

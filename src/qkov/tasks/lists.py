@@ -1,4 +1,5 @@
-"""Tasks on lists of small ints beyond ``max``: ``min`` (the seed's story mirrored), ``sort`` and ``reverse``."""
+"""Tasks on lists of small ints beyond ``max``: ``min`` (the seed's story mirrored), ``sort``, ``reverse``
+and ``histogram``."""
 
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ class ListToListTask(Task):
 
     Every output position is scored; ``evaluate`` adds ``exact``, the share of whole lists right,
     and by length, which ``target_accuracy`` reads. Subclasses say the output
-    (:meth:`rule`). ``qkov show DIR "5 3 9 1"`` reads the list and answers its output (the model
-    sees the right outputs so far, as in training).
+    (:meth:`rule`). ``qkov show DIR "5 3 9 1"`` reads the list and generates its output: the model
+    is given ``5 3 9 1 |`` and each token it writes is fed back (:attr:`answer_is_generated`),
+    never the right outputs that training feeds it.
     """
 
     defaults = {"vocab": 64, "min_len": 2, "max_len": 10}
+    answer_is_generated = True
 
     def rule(self, xs: Tensor) -> Tensor:
         """The output lists ``[b, n]`` of the lists ``xs [b, n]``."""
@@ -266,6 +269,7 @@ class HistogramTask(ListToListTask):
 
     name = "histogram"
     what_next = "the input tokens equal to its own"
+    answer_is_generated = False               # the copy is input: every count is read, none fed back
 
     def rule(self, xs: Tensor) -> Tensor:
         return (xs[..., :, None] == xs[..., None, :]).sum(-1)

@@ -9,6 +9,11 @@ report's ``--inputs`` read examples through these methods only, so a task whose 
 numbers (a bracket classifier reading ``"(()())"``) overrides ``parse`` and ``format`` and
 nothing else changes.
 
+How the answer is produced is the task's too: :attr:`TaskText.answer_is_generated` says whether
+the model writes it after the input one token at a time (``sort``: ``5 3 9 1 |`` then ``1 3 5
+9``), so that ``qkov show`` generates it, each output fed back, instead of reading predictions
+on a given sequence (``max``, ``fib``, ``histogram``: every token the model reads is input).
+
 The defaults read words separated by spaces, each a token label (``task.token_labels()``):
 
 >>> from qkov.tasks import get_task
@@ -88,6 +93,18 @@ class TaskText:
         return " ".join("?" if t is None else self.format([t]) for t in outputs)
 
     # -- answers ------------------------------------------------------------------------
+    #: True when the answer is a sequence the model writes after the input: the answer positions
+    #: are consecutive and the prediction at each one but the last is the token at the next
+    #: position (as in training, where that token is the right output). ``qkov show`` then gives the
+    #: model the tokens up to the first answer position (:meth:`prompt`) and decodes greedily,
+    #: appending each output and running the model again, so no prediction sees the true answer.
+    answer_is_generated: bool = False
+
+    def prompt(self, tokens: Sequence[int]) -> list[int]:
+        """What the model reads before it writes a generated answer: ``tokens`` up to and
+        including the first of :meth:`answer_positions` (``5 3 9 1 |`` for ``sort``)."""
+        return list(tokens[: self.answer_positions(tokens)[0] + 1])
+
     def answer_positions(self, tokens: Sequence[int]) -> list[int]:
         """The query positions whose predictions are the model's answer to ``tokens``: the
         task's scored positions inside the input, or the last position."""
