@@ -120,6 +120,89 @@ def test_memory_estimate_counts_every_parameter():
         assert param_count(cfg) == sum(p.numel() for p in model.parameters())
 
 
+def test_a_data_set_is_sized_before_it_is_built():
+    """modadd's p**2 examples are counted from p, and the count bounds what building them takes."""
+    from qkov.memory import dataset_bytes, n_examples, train_examples
+
+    task = qkov.get_task("modadd", p=37)
+    built = [task.dataset(split) for split in ("all", "train", "test")]
+    held = sum(t.nbytes for b in built for t in (b.tokens, b.targets, b.scored))
+    assert n_examples(task) == len(built[0]) == 37 * 37 and train_examples(task) == len(built[1])
+    assert held <= dataset_bytes(task) <= 2 * held
+    assert dataset_bytes(qkov.get_task("max")) == 0          # a sampled task holds no set
+
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """A machine with 1 GB available (``qkov.memory`` reads it); nothing here can allocate more."""
+    monkeypatch.setattr(sys.modules["qkov.memory"], "available_bytes", lambda: 10**9)
+    built = []
+    monkeypatch.setattr(qkov.tasks.ModAddTask, "_all", lambda self: built.append(self) or 1 / 0)
+    return built
+
+
+def test_a_data_set_too_big_is_refused_before_it_is_built(tmp_path, monkeypatch, small_machine):
+    task = qkov.get_task("modadd", p=3000)     # 9,000,000 examples: 1.45 GB of data set alone
+    with pytest.raises(qkov.QkovError) as python:
+        qkov.train(task, out=tmp_path / "py", train_config=task.train_config().replace(batch_size=64), quiet=True)
+    message = str(python.value)
+    assert "data set 1.45 GB for 9,000,000 examples" in message and "1 GB available" in message, message
+    assert "fewer examples" in message
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["train", "modadd", "--set", "p=3000", "--set", "batch_size=64"])
+    assert code == 2 and err == f"qkov: {message}\n", err     # the CLI and Python say the same line
+    assert small_machine == [] and list(tmp_path.iterdir()) == []   # never built, nothing written
+
+
+def test_python_train_and_resume_check_memory_first(tmp_path, monkeypatch, runs):
+    monkeypatch.setattr(sys.modules["qkov.memory"], "available_bytes", lambda: 10**6)   # not even max fits
+    monkeypatch.setattr(qkov.Transformer, "__init__", lambda *a, **k: 1 / 0)          # never reached
+    with pytest.raises(qkov.QkovError, match=r"^training max needs about .* but this machine has 0.001 GB"):
+        qkov.train("max", out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    run = tmp_path / "copy"
+    shutil.copytree(runs["a"], run)
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    with pytest.raises(qkov.QkovError, match=f"^resuming {run} needs about .*config.json was edited"):
+        qkov.resume(run, steps=8, quiet=True)
+    code, _, err = cli(["train", "--resume", str(run), "--steps", "8"])
+    assert code == 2 and f"resuming {run} needs about" in err, err
+    assert before == {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+
+
+def test_a_data_set_no_machine_holds_is_refused_by_the_command(tmp_path):
+    """``qkov train modadd --set p=1000000`` (10**12 examples) in a process that cannot allocate more
+    than 4 GB: one line, exit 2, nothing written."""
+    import subprocess
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    done = subprocess.run([sys.executable, "-m", "qkov", "train", "modadd", "--set", "p=1000000"], cwd=tmp_path,
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "for 1,000,000,000,000 examples" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_reads_metrics_without_elapsed_s(tmp_path, runs):
+    """A metrics.jsonl edited by hand: the last row without ``elapsed_s`` resumes from the row before
+    that has it (the clock goes on from there), and with none at all from 0."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["a"], run)
+    rows = store.read_metrics(run)
+    rows[-2]["elapsed_s"] = 1000.0
+    del rows[-1]["elapsed_s"]
+    (run / store.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli(["train", "--resume", str(run), "--steps", "6", "--quiet"])
+    assert code == 0, err
+    after = store.read_metrics(run)
+    assert [r["step"] for r in after] == [0, 2, 4, 6] and after[-1]["elapsed_s"] >= 1000.0
+    for r in after:
+        r.pop("elapsed_s", None)
+    (run / store.METRICS).write_text("".join(json.dumps(r) + "\n" for r in after))
+    resumed = qkov.resume(run, steps=8, quiet=True)
+    assert resumed.final["step"] == 8 and 0 <= resumed.final["elapsed_s"] < 1000.0
+
+
 def test_a_second_writer_of_one_out_refuses(tmp_path, fake_training):
     out = tmp_path / "run"
     with store.run_lock(out):

@@ -51,16 +51,17 @@ def format_eval(m: dict[str, Any], name: str = "") -> str:
 
 
 def cmd_train(args) -> int:
+    from .store import RunConfig
     from .tasks import configure
-    from .train import resume, train
+    from .train import RESUME_FIX, check_setup, resume, train
 
     if args.resume:
         if args.task or args.sets or args.out:
             raise QkovError("--resume DIR continues a run with its own config; pass only --resume DIR [--steps N]")
-        from . import memory, store
+        from . import store
 
         rc = store.read_config(args.resume)
-        memory.check_fits(rc.model, rc.train.replace(steps=args.steps or rc.train.steps), what="the run to resume")
+        check_setup(rc, what=f"resuming {args.resume}", fix=RESUME_FIX)  # before the lock sweeps anything
         with store.run_lock(args.resume, create=False):
             run = resume(args.resume, steps=args.steps, quiet=args.quiet)
         out = args.resume
@@ -72,9 +73,9 @@ def cmd_train(args) -> int:
         if args.show_config:
             print(format_config(task, model_cfg, train_cfg))
             return 0
-        from . import memory, store
+        from . import store
 
-        memory.check_fits(model_cfg, train_cfg, what=f"qkov train {task.name}")  # before anything is made
+        check_setup(RunConfig(task, model_cfg, train_cfg, args.seed))  # before --out is made
         out = args.out or f"runs/{task.name}"
         with store.run_lock(out):  # a second `qkov train --out` the same folder refuses
             run = train(task, out=out, seed=args.seed, model_config=model_cfg, train_config=train_cfg,

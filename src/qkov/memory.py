@@ -2,11 +2,12 @@
 against this machine's available memory before anything is allocated.
 
 The estimates are arithmetic on the configs (no tensor is made): parameters, their gradients
-and AdamW's two moments, the causal masks, and the largest activations of one step (the
-residual stream, queries/keys/values, attention scores and patterns, MLP activations, logits)
-for a training batch or an evaluation chunk. They are deliberately generous upper bounds: a
-config they refuse could not have run, and a refusal says how much was asked and how much the
-machine has.
+and AdamW's two moments, the causal masks, the largest activations of one step (the residual
+stream, queries/keys/values, attention scores and patterns, MLP activations, logits) for a
+training batch (a finite task's whole train split when ``batch_size`` is None) or an evaluation
+chunk, and a finite task's data set, sized from ``FiniteTask.n_examples()`` before it is built.
+They are deliberately generous upper bounds: a config they refuse could not have run, and a
+refusal says how much was asked and how much the machine has.
 
 >>> from qkov.config import ModelConfig
 >>> cfg = ModelConfig(n_layers=1, n_heads=1, d_model=32, d_vocab=64, n_ctx=6)
@@ -16,6 +17,10 @@ machine has.
 Traceback (most recent call last):
 ...
 qkov.errors.QkovError: the model needs about 1.6e+08 GB (40,000,013,800,000,064 parameters: ...
+>>> from qkov.tasks import get_task
+>>> task = get_task("modadd", p=113)
+>>> dataset_bytes(task), train_examples(task)        # 113**2 examples of 3 tokens; 30% train
+(2055809, 3831)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .errors import QkovError
 
 FLOAT = 4           # bytes per float32 value
 EVAL_CHUNK_TOKENS = 16384  # what Task._measure feeds the model at a time
+EXAMPLE_BYTES = 8 + 8 + 1  # per position of an example: its token and target (int64), its scored flag
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -49,22 +55,48 @@ def activation_bytes(cfg: ModelConfig, batch: int, backward: bool = True) -> int
     return FLOAT * (layers * per_layer + 3 * n * cfg.vocab_out) * (2 if backward else 1)
 
 
+def n_examples(task) -> int:
+    """The examples of ``task``'s fixed data set (``FiniteTask.n_examples()``); 0 for a task
+    that samples its batches, or one that cannot say without building the set."""
+    n = task.n_examples() if task is not None and task.finite else None
+    return int(n) if n else 0
+
+
+def train_examples(task) -> int:
+    """The examples of ``task``'s train split (what a full-batch step, ``batch_size=None``, reads)."""
+    n = n_examples(task)
+    return int(round(task.params.get("train_frac", 1.0) * n)) if n else 0
+
+
+def dataset_bytes(task) -> int:
+    """What ``task``'s data set takes: every example's tokens, targets and scored mask, twice
+    (the whole set, and its train and test splits, which are copies), plus the split's
+    permutation and what building the set holds at once (about as much again for ``modadd``'s
+    meshgrid); 0 for a sampled task."""
+    n = n_examples(task)
+    return n * (3 * task.seq_len * EXAMPLE_BYTES + 8) if n else 0
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Bytes a run needs: ``weights`` (with masks), ``optimizer`` (gradients and AdamW moments),
-    ``activations`` (the larger of a training step and an evaluation chunk)."""
+    ``activations`` (the larger of a training step and an evaluation chunk) and ``data`` (a
+    finite task's data set)."""
 
     weights: int
     optimizer: int
     activations: int
+    data: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.activations
+        return self.weights + self.optimizer + self.activations + self.data
 
 
-def estimate(model: ModelConfig, train: TrainConfig | None = None) -> Estimate:
-    """What a model takes to hold (``train=None``: weights and one evaluation chunk) or to train."""
+def estimate(model: ModelConfig, train: TrainConfig | None = None, task=None) -> Estimate:
+    """What a model takes to hold (``train=None``: weights and one evaluation chunk) or to train,
+    with ``task``'s data set when it is given (a finite task's set is built whole, and a full-batch
+    step runs over all of its train split)."""
     params = param_count(model)
     weights = FLOAT * params + model.n_layers * model.n_ctx ** 2  # the bool causal masks
     eval_batch = max(1, EVAL_CHUNK_TOKENS // model.n_ctx)
@@ -72,9 +104,10 @@ def estimate(model: ModelConfig, train: TrainConfig | None = None) -> Estimate:
     optimizer = 0
     if train is not None:
         optimizer = 3 * FLOAT * params  # gradients, exp_avg, exp_avg_sq
-        if train.batch_size is not None:
-            acts = max(acts, activation_bytes(model, train.batch_size))
-    return Estimate(weights, optimizer, acts)
+        batch = train.batch_size if train.batch_size is not None else train_examples(task)
+        if batch:
+            acts = max(acts, activation_bytes(model, batch))
+    return Estimate(weights, optimizer, acts, dataset_bytes(task))
 
 
 def available_bytes() -> int | None:
@@ -96,16 +129,26 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
+FIX = "choose smaller sizes (d_model, d_mlp, n_ctx, d_vocab, n_layers, batch_size)"
+FIX_DATA = "choose task parameters with fewer examples (qkov train TASK --show-config lists them)"
+
+
 def check_fits(model: ModelConfig, train: TrainConfig | None = None, what: str = "the model",
-               fix: str = "choose smaller sizes (d_model, d_mlp, n_ctx, d_vocab, n_layers, batch_size)") -> Estimate:
-    """The estimate, or a one-line QkovError when it exceeds the available memory."""
-    est = estimate(model, train)
+               fix: str | None = None, task=None) -> Estimate:
+    """The estimate (with ``task``'s data set when given), or a one-line QkovError when it
+    exceeds the available memory; ``fix`` says what to do (default: smaller sizes, or, when the
+    data set is most of it, a task with fewer examples)."""
+    est = estimate(model, train, task)
     avail = available_bytes()
     if avail is not None and est.total > avail:
         parts = f"{param_count(model):,} parameters: weights {_gb(est.weights)}"
         if train is not None:
             parts += f", gradients and optimizer {_gb(est.optimizer)}"
         parts += f", activations {_gb(est.activations)}"
+        if est.data:
+            parts += f", data set {_gb(est.data)} for {n_examples(task):,} examples"
+        if fix is None:
+            fix = FIX_DATA if est.data > avail or 2 * est.data > est.total else FIX
         raise QkovError(
             f"{what} needs about {_gb(est.total)} ({parts}) but this machine has {_gb(avail)} available; {fix}"
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import store
+from . import memory, store
 from .config import ModelConfig, TrainConfig
 from .errors import QkovError
 from .evaluation import Evaluator, target_reached
@@ -29,7 +29,7 @@ from .tasks import Task, get_task
 from .threads import ThreadPolicy
 from .trainstate import TrainingState, make_optimizer
 
-__all__ = ["Run", "lr_at", "make_optimizer", "resume", "train"]
+__all__ = ["Run", "check_setup", "lr_at", "make_optimizer", "resume", "train"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -43,6 +43,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def check_setup(rc: RunConfig, what: str | None = None, fix: str | None = None) -> None:
+    """Refuse, with one line, a run that cannot work, before anything is allocated or written:
+    a model that cannot represent the task, or a run (model, optimizer, the largest step, the
+    task's data set) that cannot fit in this machine's memory (``qkov.memory.check_fits``).
+    ``train`` and ``resume`` call it first; ``qkov train`` calls it before it takes the lock on
+    ``--out``, so a refused run leaves no folder behind.
+
+    >>> from qkov.tasks import get_task
+    >>> task = get_task("modadd", p=30011)
+    >>> check_setup(RunConfig(task, task.model_config(), task.train_config()))
+    Traceback (most recent call last):
+    ...
+    qkov.errors.QkovError: training modadd needs about ... data set 145 GB for 900,660,121 examples) ...
+    """
+    rc.task.check_model(rc.model)
+    memory.check_fits(rc.model, rc.train, what=what or f"training {rc.task.name}", fix=fix, task=rc.task)
+
+
 def _run(state: TrainingState, out: Path | None, quiet: bool) -> Run:
     """Advance ``state`` to ``train.steps`` (or the target accuracy); save as it goes."""
     rc, cfg, task = state.rc, state.rc.train, state.rc.task
@@ -51,7 +69,7 @@ def _run(state: TrainingState, out: Path | None, quiet: bool) -> Run:
     train_data = task.dataset("train").to(state.device) if task.finite else None
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {task.name}", unit="step",
                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-    t0 = time.perf_counter() - (state.metrics[-1]["elapsed_s"] if state.metrics else 0.0)
+    t0 = time.perf_counter() - _elapsed(state.metrics)
     with ThreadPolicy.for_run(rc) as threads:
         if state.step == 0:
             evaluate(state, None, lr_at(0, cfg), time.perf_counter() - t0)
@@ -86,6 +104,13 @@ def _run(state: TrainingState, out: Path | None, quiet: bool) -> Run:
         store.save_final(out, rc, state.model, state.step)
     state.model.eval()
     return Run(state.model, rc, state.metrics, out)
+
+
+def _elapsed(metrics: list[dict]) -> float:
+    """The seconds a resumed run had trained: ``elapsed_s`` of its last eval row that has one (a
+    row edited by hand, or written by another tool, may lack it); 0 where none has."""
+    value = next((r["elapsed_s"] for r in reversed(metrics) if "elapsed_s" in r), 0.0)
+    return float(value) if math.isfinite(value) else 0.0
 
 
 def _checkpoint(state: TrainingState, out: Path | None) -> None:
@@ -146,12 +171,15 @@ def train(
     """
     task = get_task(task) if isinstance(task, str) else task
     rc = RunConfig(task, model_config or task.model_config(), train_config or task.train_config(), seed)
-    task.check_model(rc.model)
+    check_setup(rc)
     state = TrainingState.fresh(rc)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         _prepare_out(out_path, rc)
     return _run(state, out_path, quiet)
+
+
+RESUME_FIX = "config.json was edited, or the run needs a machine with more memory"
 
 
 def resume(path: str | Path, steps: int | None = None, quiet: bool = False) -> Run:
@@ -169,7 +197,7 @@ def resume(path: str | Path, steps: int | None = None, quiet: bool = False) -> R
             f"{path} has no {store.TRAIN_STATE} to resume from (the run saved no checkpoint); "
             f"retrain it, with --set checkpoint_every=N to make it resumable"
         )
-    rc.task.check_model(rc.model)
+    check_setup(rc, what=f"resuming {path}", fix=RESUME_FIX)
     state = TrainingState.resumed(path, rc)
     if state.step >= rc.train.steps:
         raise QkovError(

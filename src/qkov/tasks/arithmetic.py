@@ -287,6 +287,9 @@ class ModAddTask(FiniteTask):
     def scored_positions(self) -> list[int]:
         return [2]
 
+    def n_examples(self) -> int:
+        return self.p * self.p
+
     def _all(self) -> Batch:
         a, b = torch.meshgrid(torch.arange(self.p), torch.arange(self.p), indexing="ij")
         a, b = a.reshape(-1), b.reshape(-1)

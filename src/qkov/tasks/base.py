@@ -351,6 +351,12 @@ class FiniteTask(Task):
     def _all(self) -> Batch:
         raise NotImplementedError
 
+    def n_examples(self) -> int | None:
+        """How many examples the whole set holds, from the parameters alone (the set is not
+        built): what ``qkov.memory`` sizes the data set and a full-batch step by before either is
+        allocated. None, the default, where a task cannot say without building it."""
+        return None
+
     def dataset(self, split: str = "train") -> Batch:
         if split not in ("train", "test", "all"):
             raise QkovError(f"unknown split {split!r}; expected train, test or all")
