@@ -19,7 +19,7 @@ def run_cli(capsys, *argv):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["train", "mx"], "unknown task 'mx'. Known tasks: add, fib, histogram, induction, max, min, modadd, "
+        (["train", "mx"], "unknown task 'mx'. Known tasks: add, brackets, fib, histogram, induction, max, min, modadd, "
                           "reverse, sort."),
         (["train", "max", "--bogus"], "unrecognized arguments: --bogus"),
         (["train", "max", "--set", "foo=1"], "unknown key 'foo' for task 'max'; known keys:"),
@@ -101,8 +101,8 @@ def test_the_summary_says_when_the_target_was_first_reached(capsys, tmp_path):
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "qkov", "train", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2
-    assert p.stderr.startswith("qkov: unknown task 'nope'. Known tasks: add, fib, histogram, induction, max, min, "
-                               "modadd, reverse, sort.")
+    assert p.stderr.startswith("qkov: unknown task 'nope'. Known tasks: add, brackets, fib, histogram, induction, "
+                               "max, min, modadd, reverse, sort.")
     assert p.stderr.count("\n") == 1
     assert "Traceback" not in p.stderr
 

@@ -189,6 +189,7 @@ QKOV_CASES = {
     "mlp-gelu": dict(d_mlp=20, act_fn="gelu"),
     "LN-mlp-relu-nonsquare": dict(d_mlp=16, normalization="LN", d_vocab_out=7),
     "LN-attn-only-1-layer": dict(n_layers=1, normalization="LN"),
+    "bidirectional-LN-mlp": dict(d_mlp=16, normalization="LN", attention_dir="bidirectional", d_vocab_out=2),
 }
 
 
@@ -206,6 +207,7 @@ def test_to_transformer_lens_and_back_gives_the_same_logits(kind, case):
         back = from_transformer_lens(tl_model)
         torch.testing.assert_close(back(tokens), model(tokens), rtol=1e-5, atol=1e-5)
     assert back.cfg.normalization == model.cfg.normalization and back.cfg.d_mlp == model.cfg.d_mlp
+    assert back.cfg.attention_dir == model.cfg.attention_dir
     # The same circuits whichever library holds the weights.
     torch.testing.assert_close(C.copying_scores(tl_model), C.copying_scores(model), rtol=1e-4, atol=1e-5)
 
@@ -224,7 +226,8 @@ def test_tl_config_maps_every_field():
                       n_ctx=9, act_fn="gelu", normalization="LN")
     d = tl_config(cfg)
     assert d == dict(n_layers=3, n_heads=2, d_model=8, d_head=5, d_mlp=24, d_vocab=30, d_vocab_out=20, n_ctx=9,
-                     act_fn="gelu", attn_only=False, normalization_type="LN", eps=1e-5, seed=0)
+                     act_fn="gelu", attn_only=False, attention_dir="causal", normalization_type="LN", eps=1e-5,
+                     seed=0)
     # Both TransformerLens configs take it and read the same shape back.
     ht = tl.HookedTransformerConfig(**d)
     assert (ht.d_head, ht.d_mlp, ht.d_vocab_out, ht.normalization_type, ht.eps) == (5, 24, 20, "LN", 1e-5)

@@ -64,7 +64,9 @@ class Attention(nn.Module):
         # forward time there), so state dicts load strictly both ways.
         self.register_buffer("mask", torch.empty((0, 0), dtype=torch.bool))
         self.register_buffer("IGNORE", torch.tensor(-float("inf")))
-        self.register_buffer("causal", torch.tril(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool)), persistent=False)
+        # Which keys a query may read: earlier ones (causal), or all (bidirectional: no mask).
+        causal = torch.tril(torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool)) if cfg.causal else None
+        self.register_buffer("causal", causal, persistent=False)
         self.scale = 1 / math.sqrt(e)
         for name in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern", "hook_result"):
             setattr(self, name, HookPoint())
@@ -77,10 +79,13 @@ class Attention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, hooks: ActiveHooks | None,
-                query_pos: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                query_pos: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None,
+                keep: Tensor | None = None) -> Tensor:
         """Inputs ``[b, p, d]`` (one stream for every head) or ``[b, p, h, d]`` (one per head,
         when a hook edits ``hook_q_input``, ``hook_k_input``, ``hook_v_input`` or ``hook_attn_in``).
-        ``prefix``: the keys and values ``[b, p0, h, e]`` of the positions before the input's."""
+        ``prefix``: the keys and values ``[b, p0, h, e]`` of the positions before the input's.
+        ``keep``: ``[b, k]``, False at padding (every key position, the prefix's included): a
+        padded key is never read, and a padded query reads nothing (its pattern row is zero)."""
         if query_pos is not None:
             xq = xq[:, query_pos]                                               # [b, p, (h,) d]
         q = _heads_in(xq, self.W_Q, self.b_Q)                                   # [b, p, h, e]
@@ -92,13 +97,24 @@ class Attention(nn.Module):
             k, v = _after(prefix[0], k), _after(prefix[1], v)                  # [b, p0 + k, h, e]
         scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale      # [b, h, p, k]
         n = k.shape[1]
-        mask = self.causal[:n, :n] if query_pos is None else self.causal[query_pos, :n]
-        if prefix is not None:
-            mask = mask[n - xk.shape[1]:]                                       # the input's rows only
-        scores = scores.masked_fill(~mask, self.IGNORE)
+        mask = None
+        if self.causal is not None:
+            mask = self.causal[:n, :n] if query_pos is None else self.causal[query_pos, :n]
+            if prefix is not None:
+                mask = mask[n - xk.shape[1]:]                                   # the input's rows only
+        if keep is not None:
+            keep_q = keep[:, query_pos] if query_pos is not None else keep[:, n - q.shape[1]:]   # [b, p]
+            # A padded query's row keeps its keys (a finite softmax, no NaN in the backward) and
+            # is zeroed after the softmax.
+            reads = (keep[:, None, None, :] | ~keep_q[:, None, :, None])       # [b, 1, p, k]
+            mask = reads if mask is None else reads & mask
+        if mask is not None:
+            scores = scores.masked_fill(~mask, self.IGNORE)
         if hooks is not None:
             scores = hooks(self.hook_attn_scores, scores)
         pattern = scores.softmax(dim=-1)                                        # [b, h, p, k]
+        if keep is not None:
+            pattern = pattern.masked_fill(~keep_q[:, None, :, None], 0.0)
         if hooks is not None:
             pattern = hooks(self.hook_pattern, pattern)
         z = (pattern @ v.transpose(1, 2)).transpose(1, 2)                       # [b, p, h, e]
@@ -179,11 +195,11 @@ class Block(nn.Module):
             setattr(self, name, HookPoint())
 
     def forward(self, resid: Tensor, hooks: ActiveHooks | None, query_pos: Tensor | None = None,
-                prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                prefix: tuple[Tensor, Tensor] | None = None, keep: Tensor | None = None) -> Tensor:
         if hooks is not None:
             resid = hooks(self.hook_resid_pre, resid)
         xq, xk, xv = self._attn_inputs(resid, hooks)
-        attn_out = self.attn(xq, xk, xv, hooks, query_pos, prefix)
+        attn_out = self.attn(xq, xk, xv, hooks, query_pos, prefix, keep)
         if hooks is not None:
             attn_out = hooks(self.hook_attn_out, attn_out)
         # Only the queried positions go on past attention (all of them when query_pos is None).

@@ -11,6 +11,7 @@ from .errors import QkovError
 
 ACT_FNS = ("relu", "gelu")
 NORMALIZATIONS = (None, "LN")
+ATTENTION_DIRS = ("causal", "bidirectional")
 DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")  # how TrainConfig.device may be spelled
 
 
@@ -21,6 +22,11 @@ class ModelConfig:
     ``d_head=None`` means ``d_model // n_heads``; ``d_mlp=None`` means attention-only;
     ``d_vocab_out=None`` means ``d_vocab``. ``use_bias=False`` keeps the bias tensors (so state
     dicts match TransformerLens's) but holds them at zero and never trains them.
+
+    ``attention_dir="bidirectional"`` (TransformerLens's name) lets every position attend to
+    every other; ``"causal"`` (the default) only to itself and earlier ones. ``pad_token`` (a
+    token id, or None) makes that token padding: a padded position is never attended to, and
+    attends to nothing itself (its attention output is ``b_O`` alone), in every layer.
     """
 
     n_layers: int = 1
@@ -35,6 +41,8 @@ class ModelConfig:
     normalization: str | None = None
     use_bias: bool = True
     init_std: float | None = None  # None: TransformerLens's default, 0.8 / sqrt(d_model)
+    attention_dir: str = "causal"
+    pad_token: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx"):
@@ -51,6 +59,12 @@ class ModelConfig:
             raise QkovError(f"act_fn={self.act_fn!r} is not supported; expected one of {', '.join(ACT_FNS)}")
         if self.normalization not in NORMALIZATIONS:
             raise QkovError(f"normalization={self.normalization!r} is not supported; expected None or 'LN'")
+        if self.attention_dir not in ATTENTION_DIRS:
+            raise QkovError(f"attention_dir={self.attention_dir!r} is not supported; "
+                            f"expected 'causal' or 'bidirectional'")
+        if self.pad_token is not None and (isinstance(self.pad_token, bool) or not isinstance(self.pad_token, int)
+                                           or not 0 <= self.pad_token < self.d_vocab):
+            raise QkovError(f"pad_token={self.pad_token!r} must be a token id in 0..{self.d_vocab - 1} (or None)")
         if self.init_std is not None and not self.init_std > 0:
             raise QkovError(f"init_std={self.init_std} must be positive (or None for the default)")
 
@@ -63,6 +77,11 @@ class ModelConfig:
     def vocab_out(self) -> int:
         """``d_vocab_out`` with its default resolved."""
         return self.d_vocab_out if self.d_vocab_out is not None else self.d_vocab
+
+    @property
+    def causal(self) -> bool:
+        """True when a position attends only to itself and earlier ones (``attention_dir="causal"``)."""
+        return self.attention_dir == "causal"
 
     @property
     def attn_only(self) -> bool:

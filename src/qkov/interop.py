@@ -50,7 +50,7 @@ def tl_config(cfg: ModelConfig) -> dict[str, Any]:
     return dict(
         n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.head_dim,
         d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.vocab_out, n_ctx=cfg.n_ctx,
-        act_fn=cfg.act_fn, attn_only=cfg.attn_only,
+        act_fn=cfg.act_fn, attn_only=cfg.attn_only, attention_dir=cfg.attention_dir,
         normalization_type=cfg.normalization,         # None or "LN" (4.x defaults to "LN": always said)
         eps=1e-5, seed=0,                              # qkov's LayerNorm eps; seed: a reproducible init, overwritten
     )

@@ -115,7 +115,8 @@ class Transformer(Hooked, nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, tokens: Tensor, positions: Tensor | list[int] | None = None,
                 rows: Tensor | None = None, start_at_layer: int | None = None,
-                stop_at_layer: int | None = None, prefix_kv: list | None = None) -> Tensor:
+                stop_at_layer: int | None = None, prefix_kv: list | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
         """``tokens [batch, pos]`` -> logits ``[batch, pos, d_vocab_out]``.
 
         With ``positions`` (query positions, e.g. the ones a loss reads), the last layer attends,
@@ -132,14 +133,26 @@ class Transformer(Hooked, nn.Module):
         (``hook_k``, ``hook_v`` of each layer, ``[B, p0, head, d_head]``) are ``prefix_kv[layer]``:
         the outputs are those positions' (a causal model's later positions never change earlier ones).
         ``B`` may divide the input's batch: input row ``i`` continues prefix row ``i % B``.
+
+        Padding: ``attention_mask`` ``[batch, key pos]`` (TransformerLens's: 1 or True at real
+        tokens, 0 at padding; the prefix's positions first) says which positions are padding; a
+        model with ``cfg.pad_token`` set reads it off the tokens (``tokens != pad_token``) when none
+        is given. A padded position is never attended to and attends to nothing itself.
         """
         if prefix_kv is not None and (start_at_layer is None or positions is not None):
             raise QkovError("prefix_kv continues a residual stream: pass start_at_layer (and no positions)")
-        return self._forward(tokens, self._active, positions, rows, start_at_layer, stop_at_layer, prefix_kv)
+        return self._forward(tokens, self._active, positions, rows, start_at_layer, stop_at_layer, prefix_kv,
+                             attention_mask)
 
     def _forward(self, tokens: Tensor, hooks: ActiveHooks | None, positions, rows: Tensor | None = None,
-                 start: int | None = None, stop: int | None = None, prefix_kv: list | None = None) -> Tensor:
-        resid = self._embed(tokens, hooks) if start is None else self._check_resid(tokens, start)
+                 start: int | None = None, stop: int | None = None, prefix_kv: list | None = None,
+                 attention_mask: Tensor | None = None) -> Tensor:
+        if start is None:
+            tokens = self._check_tokens(tokens)
+            resid = self._embed(tokens, hooks)
+        else:
+            resid = self._check_resid(tokens, start)
+        keep = self._keep(tokens if start is None else None, attention_mask, resid, prefix_kv, start)
         query_pos = None
         if positions is not None:
             query_pos = torch.as_tensor(positions, dtype=torch.long)
@@ -150,7 +163,7 @@ class Transformer(Hooked, nn.Module):
             if stop is not None and layer >= stop:
                 return resid
             resid = block(resid, hooks, query_pos if layer == last else None,
-                          None if prefix_kv is None else prefix_kv[layer])
+                          None if prefix_kv is None else prefix_kv[layer], keep)
         if stop is not None:
             return resid
         if rows is not None:
@@ -166,8 +179,8 @@ class Transformer(Hooked, nn.Module):
         return hooks(self.unembed.hook_out, resid @ self.unembed.W_U + self.unembed.b_U)
 
     def _embed(self, tokens: Tensor, hooks: ActiveHooks | None) -> Tensor:
-        """Token plus positional embedding, ``[b, p, d]``: the residual stream before block 0."""
-        tokens = self._check_tokens(tokens)
+        """Token plus positional embedding of checked ``tokens``, ``[b, p, d]``: the residual
+        stream before block 0."""
         # F.embedding, not W_E[tokens]: indexing's backward accumulates with index_put_, whose
         # order varies between runs with more than one thread; embedding's backward does not.
         embed = F.embedding(tokens, self.embed.W_E)                             # [b, p, d]
@@ -179,6 +192,24 @@ class Transformer(Hooked, nn.Module):
                 pos_embed = pos_embed.clone()
             pos_embed = hooks(self.hook_pos_embed, pos_embed)
         return embed + pos_embed
+
+    def _keep(self, tokens: Tensor | None, attention_mask, resid: Tensor, prefix_kv: list | None,
+              start: int | None) -> Tensor | None:
+        """``[b, key pos]`` bool, False at padding; None when nothing is padded."""
+        n_keys = resid.shape[1] + (0 if prefix_kv is None else prefix_kv[start or 0][0].shape[1])
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask, device=resid.device)
+            if mask.shape != (resid.shape[0], n_keys):
+                raise QkovError(f"attention_mask must be [batch, key pos] = {(resid.shape[0], n_keys)}, 1 at real "
+                                f"tokens and 0 at padding; got shape {tuple(mask.shape)}")
+            return mask.bool()
+        if self.cfg.pad_token is None:
+            return None
+        if tokens is None:
+            raise QkovError(f"this model pads (pad_token={self.cfg.pad_token}) but start_at_layer gives it no "
+                            f"tokens to find the padding in; pass attention_mask=(tokens != {self.cfg.pad_token})")
+        keep = tokens.to(resid.device) != self.cfg.pad_token
+        return None if bool(keep.all()) else keep
 
     def _check_resid(self, resid: Tensor, start: int) -> Tensor:
         if not 0 <= start < self.cfg.n_layers:

@@ -10,7 +10,8 @@ scores by ``weights(model).attn_scale`` (``sqrt(d_head)``).
 Positions, one convention for every function: ``pos`` (OV side, direct path) and ``q_pos`` /
 ``k_pos`` (QK side) are optional keywords, default ``None``. ``None`` leaves the positional
 embedding out (the token-only circuit, what MFTC draws); an integer adds ``W_pos[pos]`` to the
-token embeddings, and ``k_pos`` may not come after ``q_pos`` (causal attention never reads it).
+token embeddings, and ``k_pos`` may not come after ``q_pos`` in a causal model (causal attention
+never reads it; a bidirectional model's heads read every position).
 
 ``include_bias=True`` folds biases in with the framework's trick: the residual stream gains a
 constant-1 coordinate, ``W_Q`` gains ``b_Q`` as an extra row (so ``[x, 1] W_Q' = x W_Q + b_Q``),
@@ -100,14 +101,15 @@ def full_qk(
     ``i`` at ``q_pos`` gives a key ``j`` at ``k_pos`` along the direct path.
     """
     w = weights(model)
-    _check_causal(q_pos, k_pos)
+    _check_causal(w, q_pos, k_pos)
     Eq = _tokens(w, q_pos, include_bias, "q_pos")
     Ek = _tokens(w, k_pos, include_bias, "k_pos")
     return Eq @ qk(w, layer, head, include_bias) @ Ek.T
 
 
-def _check_causal(q_pos, k_pos) -> None:
-    if isinstance(q_pos, int) and isinstance(k_pos, int) and k_pos > q_pos >= 0:
+def _check_causal(w, q_pos, k_pos) -> None:
+    """A causal model's query never reads a later key (a bidirectional one's reads every key)."""
+    if w.causal and isinstance(q_pos, int) and isinstance(k_pos, int) and k_pos > q_pos >= 0:
         raise QkovError(
             f"k_pos={k_pos} comes after q_pos={q_pos}: causal attention never reads it; "
             f"pass k_pos in 0..{q_pos}"
@@ -163,7 +165,7 @@ def qk_terms(
     0.0
     """
     w = weights(model)
-    _check_causal(q_pos, k_pos)
+    _check_causal(w, q_pos, k_pos)
     M = qk(w, layer, head, include_bias)                              # [d(+1), d(+1)]
     E = w.W_E
     pq, pk = (E.new_zeros(E.shape[1]) if p is None else w.W_pos[w.check_pos(p, name)]   # [d]

@@ -68,6 +68,7 @@ class Weights:
     act_fn: str | None
     eps: float = 1e-5
     attn_scale: float = 1.0    # the model divides attention scores by this (sqrt(d_head) by default)
+    causal: bool = True        # False for bidirectional attention (every query reads every key)
     folded: bool = False       # True when LayerNorm weights were folded in and weights centred
 
     @property
@@ -183,7 +184,7 @@ def _read_raw(model) -> dict[str, Any]:
             n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.head_dim,
             d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.vocab_out, n_ctx=cfg.n_ctx,
             normalization=cfg.normalization, act_fn=cfg.act_fn if mlp else None, eps=1e-5,
-            attn_scale=math.sqrt(cfg.head_dim), W_pos=_t(model.W_pos),
+            attn_scale=math.sqrt(cfg.head_dim), W_pos=_t(model.W_pos), causal=cfg.causal,
         )
     elif _is_tl(model):
         cfg = model.cfg
@@ -211,6 +212,7 @@ def _read_raw(model) -> dict[str, Any]:
             normalization="LN" if norm in ("LN", "LNPre") else None,
             act_fn=getattr(cfg, "act_fn", None) if mlp else None, eps=float(getattr(cfg, "eps", 1e-5)),
             attn_scale=scale if use_scale else 1.0, W_pos=_t(W_pos),
+            causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
         )
     else:
         raise QkovError(
@@ -365,7 +367,7 @@ def to_qkov_state(model) -> tuple[dict[str, Any], dict[str, Tensor]]:
         n_layers=L, n_heads=raw["n_heads"], d_model=d, d_head=raw["d_head"], d_mlp=raw["d_mlp"],
         d_vocab=raw["d_vocab"], d_vocab_out=None if raw["d_vocab_out"] == raw["d_vocab"] else raw["d_vocab_out"],
         n_ctx=raw["n_ctx"], act_fn=raw["act_fn"] or "relu", normalization="LN" if ln else None,
-        use_bias=True,
+        use_bias=True, attention_dir="causal" if raw["causal"] else "bidirectional",
     )
     ones, zeros = raw["W_E"].new_ones(d), raw["W_E"].new_zeros(d)
 

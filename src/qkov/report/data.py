@@ -112,7 +112,7 @@ class HeadData:
     qk: np.ndarray                          # [query token, key token], no positions
     qk_pairs: dict[tuple[int, int], np.ndarray]   # (q_pos, k_pos) -> [query token, key token]
     qk_default: tuple[int, int] | None      # the pair the page shows first
-    positional_qk: np.ndarray | None        # [query pos, key pos], NaN where key > query (causal)
+    positional_qk: np.ndarray | None        # [query pos, key pos], NaN where key > query in a causal model
     ov: np.ndarray                          # [source token, output logit]
     eigenvalues: np.ndarray                 # [d_head] complex, of the full OV circuit
 
@@ -179,11 +179,11 @@ class ReportData:
 
     @property
     def eval_groups(self) -> tuple[str | None, dict[str, dict[str, float]]]:
-        """``("length" | "position" | None, {group: {accuracy, loss, n}})``."""
-        for kind in ("length", "position"):
-            if f"by_{kind}" in self.eval:
-                return kind, self.eval[f"by_{kind}"]
-        return None, {}
+        """``("length" | "position" | ... | None, {group: {accuracy, loss, n}})``: the first
+        ``by_<group>`` breakdown the task's evaluation gives (length and position first)."""
+        keys = [k for k in self.eval if k.startswith("by_") and isinstance(self.eval[k], dict)]
+        keys.sort(key=lambda k: (k not in ("by_length", "by_position"), k))
+        return (keys[0][3:], self.eval[keys[0]]) if keys else (None, {})
 
     @property
     def composition(self) -> dict[str, Any] | None:
@@ -202,6 +202,11 @@ class ReportData:
     @property
     def n_heads_total(self) -> int:
         return self.model_cfg["n_layers"] * self.model_cfg["n_heads"]
+
+    @property
+    def causal(self) -> bool:
+        """True unless the model's attention is bidirectional."""
+        return self.model_cfg.get("attention_dir", "causal") == "causal"
 
     @property
     def has_mlp(self) -> bool:
@@ -237,15 +242,16 @@ def _page_sizes(cfg, w, max_tokens: int, budget: int = PAGE_NUMBERS) -> tuple[in
     return nv, nout, 1 + extra
 
 
-def _qk_pairs(n_ctx: int, limit: int) -> list[tuple[int, int]]:
-    """(query pos, key pos) pairs with key <= query; all of them when they fit in ``limit``,
-    else the last query position against every key, then each position against itself and its
-    predecessor (the pairs that max, add and induction circuits use)."""
-    every = [(q, k) for q in range(n_ctx) for k in range(q + 1)]
+def _qk_pairs(n_ctx: int, limit: int, causal: bool = True, first: int | None = None) -> list[tuple[int, int]]:
+    """(query pos, key pos) pairs a head can read (key <= query when ``causal``); all of them
+    when they fit in ``limit``, else the query ``first`` (default: the last position) against
+    every key, then each position against itself and its predecessor (the pairs that max, add
+    and induction circuits use)."""
+    every = [(q, k) for q in range(n_ctx) for k in range(q + 1 if causal else n_ctx)]
     if len(every) <= limit:
         return every
     last = n_ctx - 1
-    picked = [(last, k) for k in range(n_ctx)]
+    picked = [(last if first is None else first, k) for k in range(n_ctx)]
     for q in range(last - 1, -1, -1):
         picked += [(q, q)] + ([(q, q - 1)] if q else [])
     return sorted(dict.fromkeys(picked[: max(1, limit)]))
@@ -356,10 +362,12 @@ def examples_from_shown(shown: Sequence[Any], labels: Sequence[str] | None = Non
     return out
 
 
-def _causal(a: np.ndarray) -> np.ndarray:
-    """``a [query pos, key pos]`` with NaN where the key comes after the query (never attended)."""
+def _positional(a: np.ndarray, causal: bool) -> np.ndarray:
+    """``a [query pos, key pos]``, with NaN where the key comes after the query when the model
+    is causal (never attended); a bidirectional model's every cell is read, so all are kept."""
     a = np.array(a, dtype=np.float64)
-    a[np.triu_indices(a.shape[0], 1, a.shape[1])] = np.nan
+    if causal:
+        a[np.triu_indices(a.shape[0], 1, a.shape[1])] = np.nan
     return a
 
 
@@ -367,7 +375,9 @@ def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int
     """Each head's circuits: full QK (also at ``n_pairs`` (q, k) position pairs, the page's
     budget), positional QK (acausal cells masked), full OV and its eigenvalues."""
     w, cfg = circuits.weights(model), model.cfg
-    pairs = _qk_pairs(cfg.n_ctx, max(1, n_pairs - 1)) if w.W_pos is not None else []
+    scored = getattr(task, "scored_positions", None)
+    first = None if w.causal or not scored else int(scored[0])     # a bidirectional classifier's query
+    pairs = _qk_pairs(cfg.n_ctx, max(1, n_pairs - 1), w.causal, first) if w.W_pos is not None else []
     default = _default_pair(task, cfg.n_ctx) if pairs else None
     if default is not None and default not in pairs:
         pairs = sorted(set(pairs) | {default})
@@ -383,7 +393,7 @@ def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int
                 qk=_np(circuits.full_qk(model, l, h).AB[:nv, :nv], digits),
                 qk_pairs={(q, k): _np(circuits.full_qk(model, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
                 qk_default=default,
-                positional_qk=(_causal(_np(circuits.positional_qk(model, l, h), digits))
+                positional_qk=(_positional(_np(circuits.positional_qk(model, l, h), digits), w.causal)
                                if w.W_pos is not None else None),
                 ov=_np(fov.AB[:nv, :nout], digits),
                 eigenvalues=np.asarray(eig.detach().cpu().numpy(), dtype=np.complex128),

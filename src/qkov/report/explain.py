@@ -37,8 +37,11 @@ def model_shape(d: ReportData) -> str:
 def attention(d: ReportData) -> str:
     where = ("the inputs given to the report" if d.inputs_given
              else "a few of the task's inputs (panel titles: the input → the model's answer)")
+    spread = ("key positions 0..q (each row sums to 1; attention is causal)" if d.causal else
+              "every key position, before and after it (each row sums to 1; attention is bidirectional; "
+              "a padded position's row is empty and no row attends to one)")
     text = (f"Where each head looks on {where}: row q shows how query position q spreads its attention over "
-            "key positions 0..q (each row sums to 1; attention is causal). Axes read (position) token. ")
+            f"{spread}. Axes read (position) token. ")
     if d.has_mlp:
         return text + ("This model has an MLP after attention, so a head need not find the answer: it moves "
                        "what the neurons need (here, which tokens and how much of each) to the answer position.")
@@ -53,8 +56,10 @@ def qk(d: ReportData) -> str:
     text = ("The full QK circuit gives the attention score a query token assigns to a key token along the direct "
             "path, before the softmax. Without positions it shows token preferences alone; with positions (pick a "
             "query/key position pair from the dropdown) it is the score the model computes at those positions. "
-            "The positional circuit shows how query positions prefer key positions, whatever the tokens; cells "
-            "where the key comes after the query are blank, since a causal model never attends there.")
+            "The positional circuit shows how query positions prefer key positions, whatever the tokens; "
+            + ("cells where the key comes after the query are blank, since a causal model never attends there."
+               if d.causal else "every cell is shown, those where the key comes after the query too (acausal "
+               "cells), since a bidirectional model's heads read every position."))
     rank = finding(d.summary, "key_rank_correlation")
     if rank is not None:
         text += f" For this model: {rank['text']}"
