@@ -14,6 +14,7 @@ and a ``scored [batch, pos]`` mask of the positions that accuracy is measured on
 | fib | x1..x5 with x(i+1) = x(i) + x(i-1) <= 127, each next element from the two before; same model as add |
 | modadd | [a, b, =] -> (a + b) mod 113, 30% train split, Nanda et al.'s grokking setup |
 | induction | random tokens with a segment that recurs at a varying offset; 2 layers, attention-only |
+| brackets | up to 40 brackets, [start] s [end] padded; balanced or not, read at [start]; 3 layers, bidirectional |
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
 from .arithmetic import AddTask, FibTask, MaxTask, ModAddTask
 from .base import IGNORE, Batch, FiniteTask, Scorer, Task, as_index, as_scorer, nll_and_prediction
+from .brackets import BracketsTask
 from .induction import InductionTask
 from .lists import HistogramTask, MinTask, ReverseTask, SortTask
 from .loading import load_class, resolve, source_of
 
 __all__ = [
     "IGNORE", "Batch", "Task", "FiniteTask", "MaxTask", "MinTask", "AddTask", "FibTask", "ModAddTask", "InductionTask",
+    "BracketsTask",
     "TASKS", "get_task", "resolve", "source_of",
     "task_from_dict", "configure", "Scorer", "as_scorer", "as_index", "nll_and_prediction",
 ]
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (
-    MaxTask, MinTask, AddTask, FibTask, ModAddTask, InductionTask, SortTask, ReverseTask, HistogramTask)}
+    MaxTask, MinTask, AddTask, FibTask, ModAddTask, InductionTask, SortTask, ReverseTask, HistogramTask, BracketsTask)}
 
 
 def get_task(name: str | Task, **overrides: Any) -> Task:
