@@ -121,6 +121,23 @@ def test_bad_frequencies_and_tasks_are_clear_errors():
         fourier.train_mask(qkov.get_task("fib"))
 
 
+def test_the_analysis_over_z_p_follows_what_the_task_says_not_its_name():
+    from qkov.tasks.arithmetic import ModAddTask
+
+    class ModSum(ModAddTask):                     # a learner's own residue task, under another name
+        name = "modsum"
+
+    task = ModSum(p=7, train_frac=0.6)
+    model = qkov.Transformer(task.model_config())
+    assert fourier.mlp_summary(model, task)["kind"] == "fourier_zp"
+
+    class Plain(ModAddTask):                      # the name alone does not make a residue task
+        residue_modulus = None
+
+    plain = Plain(p=7)
+    assert plain.name == "modadd" and fourier.mlp_summary(model, plain)["kind"] == "token_spectrum"
+
+
 def test_gini():
     assert gini(torch.ones(10)) == pytest.approx(0.0)
     assert gini(torch.tensor([0.0] * 9 + [1.0])) == pytest.approx(0.9)

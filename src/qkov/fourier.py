@@ -104,12 +104,14 @@ def fft2d(x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------- the (a, b) grid of a residue task
 def _residue_p(task) -> int:
-    """p for a task whose inputs are residue pairs ``[a, b, =]`` with answers mod p; else an error."""
-    p = getattr(task, "params", {}).get("p")
-    if getattr(task, "name", None) != "modadd" or not isinstance(p, int):
+    """p for a task whose inputs are residue pairs ``[a, b, =]`` with answers mod p (the task's
+    ``residue_modulus``); else an error."""
+    p = getattr(task, "residue_modulus", None)
+    if not isinstance(p, int) or isinstance(p, bool):
         raise QkovError(
-            f"Fourier analysis over Z_p needs a task indexed by residues mod p (modadd); "
-            f"task '{getattr(task, 'name', task)}' is not. For add/fib use neuron_input_spectrum(model)"
+            f"Fourier analysis over Z_p needs a task indexed by residues mod p (a task whose "
+            f"residue_modulus is p, such as modadd); task '{getattr(task, 'name', task)}' is not. "
+            f"For add/fib use neuron_input_spectrum(model)"
         )
     return p
 
@@ -408,13 +410,14 @@ def _sig(x: float, digits: int = 5) -> float:
 def mlp_summary(model, task, layer: int = 0) -> dict[str, Any]:
     """The JSON-able MLP section of ``qkov analyze``.
 
-    ``modadd``: :func:`modular_analysis`. Other tasks (``add``, ``fib``): the neuron-input
+    A task over residue pairs (``residue_modulus`` set: ``modadd``): :func:`modular_analysis`.
+    Other tasks (``add``, ``fib``): the neuron-input
     spectrum over the task's token values (straight-line trend removed): top frequencies with
     their periods and power share, how many neurons each dominates, the median share of a
     neuron's input that is a straight line in the token, and the full spectrum (for
     :func:`frequency_overlap`).
     """
-    if getattr(task, "name", None) == "modadd":
+    if getattr(task, "residue_modulus", None) is not None:
         return modular_analysis(model, task, layer)
     spec = neuron_input_spectrum(model, n_tokens=task.d_vocab, layer=layer)
     return {

@@ -290,6 +290,10 @@ class ModAddTask(FiniteTask):
     def n_examples(self) -> int:
         return self.p * self.p
 
+    @property
+    def residue_modulus(self) -> int:
+        return self.p
+
     def _all(self) -> Batch:
         a, b = torch.meshgrid(torch.arange(self.p), torch.arange(self.p), indexing="ij")
         a, b = a.reshape(-1), b.reshape(-1)

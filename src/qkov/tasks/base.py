@@ -162,6 +162,13 @@ class Task(TaskText):
         """The group (a length or a position) that accuracy at query position ``pos`` counts toward."""
         return pos
 
+    @property
+    def residue_modulus(self) -> int | None:
+        """``p`` when the task's data set is every pair ``(a, b)`` of residues mod ``p``, listed
+        a-major as ``[a, b, ...]`` with answers mod ``p``: what ``qkov.fourier``'s analysis over
+        Z_p (key frequencies, restricted and excluded loss) reads. None, the default, otherwise."""
+        return None
+
     def answer_rule(self) -> AnswerRule | None:
         """The rule that gives every input's answer, when proofs over all inputs can use it
         (``qkov.certify``); None, the default, when there is no such rule."""
