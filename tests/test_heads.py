@@ -263,3 +263,23 @@ def test_reference_induction_model_forms_an_induction_circuit(trained):
     assert final["loss"] < 0.2 * final["loss_rest"], final
     rep = final["repeated"]
     assert rep["loss"] < 0.2 * rep["loss_first_half"], rep
+
+
+def test_analyze_names_a_previous_token_or_induction_head_only_when_one_is_there():
+    """An untrained two-layer model has no previous-token or induction head: analyze says so
+    with the highest score, instead of naming the best of the random heads as one."""
+    task = qkov.get_task("induction")
+    model = Transformer(task.model_config(), seed=0)
+    found = {f.id: f for f in qkov.analyze(model, task, checks=False).findings}
+    for kind, words in (("previous_token", "a previous-token head"), ("induction", "an induction head")):
+        assert found[kind].value < 0.5
+        assert found[kind].text.startswith("No head") and f"is {words}: the highest score is" in found[kind].text
+
+
+def test_accuracy_finding_names_the_weakest_group_of_any_breakdown(monkeypatch):
+    task = qkov.get_task("max")
+    model = Transformer(task.model_config(), seed=0)
+    by_kind = {"random": {"accuracy": 0.99, "loss": 0.1, "n": 10}, "flipped": {"accuracy": 0.5, "loss": 1.0, "n": 10}}
+    monkeypatch.setattr(type(task), "evaluate", lambda self, m: {"accuracy": 0.7, "loss": 0.5, "by_kind": by_kind})
+    text = qkov.analyze(model, task, checks=False).findings[0].text
+    assert text == "Accuracy 70.00% overall; lowest at kind flipped: 50.00%."

@@ -173,10 +173,11 @@ def task_facts(model, task: Task) -> dict[str, Any]:
 def _findings(task: Task, s: Summary) -> list[Finding]:
     f: list[Finding] = []
     ev = s.eval
-    groups = ev.get("by_length") or ev.get("by_position")
-    if groups:
+    kinds = sorted((k for k in ev if k.startswith("by_") and isinstance(ev[k], dict) and ev[k]),
+                   key=lambda k: (k not in ("by_length", "by_position"), k))
+    if kinds:
+        groups, kind = ev[kinds[0]], kinds[0][3:].replace("_", " ")
         worst_key, worst = min(groups.items(), key=lambda kv: kv[1]["accuracy"])
-        kind = "length" if "by_length" in ev else "position"
         f.append(Finding("accuracy", f"Accuracy {_pct(ev['accuracy'])} overall; lowest at {kind} {worst_key}: "
                          f"{_pct(worst['accuracy'])}.", _r(ev["accuracy"])))
     else:
@@ -189,10 +190,8 @@ def _findings(task: Task, s: Summary) -> list[Finding]:
         # induction head needs the earlier layer's previous-token information to compose with.
         prev = max((r for r in s.heads if r["layer"] == 0), key=lambda r: r["previous_token_score"])
         ind = max((r for r in s.heads if r["layer"] > 0), key=lambda r: r["induction_score"])
-        f.append(Finding("previous_token", f"Head {prev['layer']}.{prev['head']} is a previous-token head "
-                         f"(score {prev['previous_token_score']:.3f}).", prev["previous_token_score"]))
-        f.append(Finding("induction", f"Head {ind['layer']}.{ind['head']} is an induction head "
-                         f"(score {ind['induction_score']:.3f}).", ind["induction_score"]))
+        f.append(_detected("previous_token", "a previous-token", prev, "in layer 0"))
+        f.append(_detected("induction", "an induction", ind, "after layer 0"))
     if s.composition is not None:
         k = s.composition["strongest"]["K"]
         f.append(Finding("k_composition", f"Strongest K-composition: head {k['from'][0]}.{k['from'][1]} into head "
@@ -210,6 +209,20 @@ def _findings(task: Task, s: Summary) -> list[Finding]:
                              f"k={top['k']} (period {top['period']:.2f} tokens), {_pct(top['share'])} of the "
                              f"spectrum.", _r(top["share"])))
     return f
+
+
+# A head is called a previous-token or induction head when it puts at least this share of its
+# attention where such a head would (TransformerLens's detector scores, on random repeats).
+DETECTED = 0.5
+
+
+def _detected(kind: str, words: str, row: dict[str, Any], where: str) -> Finding:
+    """The best head of ``kind`` in words: a claim only when its score reaches ``DETECTED``."""
+    score, name = row[f"{kind}_score"], f"{row['layer']}.{row['head']}"
+    if score >= DETECTED:
+        return Finding(kind, f"Head {name} is {words} head (score {score:.3f}).", score)
+    return Finding(kind, f"No head {where} is {words} head: the highest score is {score:.3f} (head {name}; "
+                   f"{DETECTED} would be needed).", score)
 
 
 # ------------------------------------------------------------------- two models

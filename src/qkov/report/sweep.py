@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from .. import registry
+from ..analyze import DETECTED
 from ..errors import QkovError
 from ..store import atomic_write_text
 from .figures import TEMPLATE, figure_dict
@@ -43,8 +44,9 @@ DISTRIBUTIONS = [
      "the QK circuit ranks keys by value (rank correlation at least 0.95)"),
     ("copying_score", "Copying score of the most copying head", 0.9,
      "the OV circuit copies (copying score at least 0.9)"),
-    ("previous_token_score", "Best previous-token score", 0.5, "a head is a previous-token head (score at least 0.5)"),
-    ("induction_score", "Best induction score", 0.5, "a head is an induction head (score at least 0.5)"),
+    ("previous_token_score", "Best previous-token score", DETECTED,
+     f"a head is a previous-token head (score at least {DETECTED})"),
+    ("induction_score", "Best induction score", DETECTED, f"a head is an induction head (score at least {DETECTED})"),
     ("logit_fve", "Logit variance explained by the key frequencies", 0.8,
      "the key frequencies explain at least 80% of the logit variance"),
     ("loss", "Final loss", None, ""),
