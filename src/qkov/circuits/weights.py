@@ -178,47 +178,59 @@ def _expand_kv(x: Tensor | None, n_heads: int) -> Tensor | None:
 def _read_raw(model) -> dict[str, Any]:
     """Every tensor and dimension, unfolded, plus the LayerNorm parameters (``ln*_w/b``)."""
     if _is_qkov(model):
-        cfg = model.cfg
-        mlp = cfg.d_mlp is not None
-        raw = dict(
-            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.head_dim,
-            d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.vocab_out, n_ctx=cfg.n_ctx,
-            normalization=cfg.normalization, act_fn=cfg.act_fn if mlp else None, eps=1e-5,
-            attn_scale=math.sqrt(cfg.head_dim), W_pos=_t(model.W_pos), causal=cfg.causal,
-        )
+        raw = _qkov_dims(model.cfg, model)
     elif _is_tl(model):
-        cfg = model.cfg
-        norm = cfg.normalization_type
-        if norm not in (None, "LN", "LNPre"):
-            raise QkovError(
-                f"qkov reads models with LayerNorm ('LN', 'LNPre') or no normalization; this "
-                f"TransformerLens model has normalization_type={norm!r}"
-            )
-        mlp = not getattr(cfg, "attn_only", False)
-        pos_type = getattr(cfg, "positional_embedding_type", "standard")
-        W_pos = None
-        if pos_type == "standard":
-            W_pos = getattr(model, "W_pos", None)
-            if W_pos is None and hasattr(model, "pos_embed"):
-                W_pos = getattr(model.pos_embed, "W_pos", None)
-        use_scale = getattr(cfg, "use_attn_scale", True)
-        scale = getattr(cfg, "attn_scale", -1.0)
-        scale = float(scale) if scale is not None and scale > 0 else math.sqrt(cfg.d_head)
-        raw = dict(
-            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-            d_mlp=cfg.d_mlp if mlp else None, d_vocab=cfg.d_vocab,
-            d_vocab_out=cfg.d_vocab_out if (getattr(cfg, "d_vocab_out", None) or -1) > 0 else cfg.d_vocab,
-            n_ctx=cfg.n_ctx,
-            normalization="LN" if norm in ("LN", "LNPre") else None,
-            act_fn=getattr(cfg, "act_fn", None) if mlp else None, eps=float(getattr(cfg, "eps", 1e-5)),
-            attn_scale=scale if use_scale else 1.0, W_pos=_t(W_pos),
-            causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
-        )
+        raw = _tl_dims(model.cfg, model)
     else:
         raise QkovError(
             f"qkov.circuits reads a qkov.Transformer or a TransformerLens model (HookedTransformer, "
             f"TransformerBridge); got {type(model).__name__}, which has no .cfg and weight properties"
         )
+    _read_tensors(model, raw)
+    return raw
+
+
+def _qkov_dims(cfg, model) -> dict[str, Any]:
+    """A qkov model's dimensions and settings (and its ``W_pos``)."""
+    mlp = cfg.d_mlp is not None
+    return dict(
+        n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.head_dim,
+        d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.vocab_out, n_ctx=cfg.n_ctx,
+        normalization=cfg.normalization, act_fn=cfg.act_fn if mlp else None, eps=1e-5,
+        attn_scale=math.sqrt(cfg.head_dim), W_pos=_t(model.W_pos), causal=cfg.causal,
+    )
+
+
+def _tl_dims(cfg, model) -> dict[str, Any]:
+    """A TransformerLens model's dimensions and settings (and its ``W_pos``, None for rotary)."""
+    norm = cfg.normalization_type
+    if norm not in (None, "LN", "LNPre"):
+        raise QkovError(
+            f"qkov reads models with LayerNorm ('LN', 'LNPre') or no normalization; this "
+            f"TransformerLens model has normalization_type={norm!r}"
+        )
+    mlp = not getattr(cfg, "attn_only", False)
+    W_pos = None
+    if getattr(cfg, "positional_embedding_type", "standard") == "standard":
+        W_pos = getattr(model, "W_pos", None)
+        if W_pos is None and hasattr(model, "pos_embed"):
+            W_pos = getattr(model.pos_embed, "W_pos", None)
+    scale = getattr(cfg, "attn_scale", -1.0)
+    scale = float(scale) if scale is not None and scale > 0 else math.sqrt(cfg.d_head)
+    return dict(
+        n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp if mlp else None, d_vocab=cfg.d_vocab,
+        d_vocab_out=cfg.d_vocab_out if (getattr(cfg, "d_vocab_out", None) or -1) > 0 else cfg.d_vocab,
+        n_ctx=cfg.n_ctx,
+        normalization="LN" if norm in ("LN", "LNPre") else None,
+        act_fn=getattr(cfg, "act_fn", None) if mlp else None, eps=float(getattr(cfg, "eps", 1e-5)),
+        attn_scale=scale if getattr(cfg, "use_attn_scale", True) else 1.0, W_pos=_t(W_pos),
+        causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
+    )
+
+
+def _read_tensors(model, raw: dict[str, Any]) -> None:
+    """Add the weights, biases (zeros where the model has none) and LayerNorm parameters to ``raw``."""
     H = raw["n_heads"]
     raw.update(W_E=_t(model.W_E), W_U=_t(model.W_U), W_Q=_t(model.W_Q), W_O=_t(model.W_O))
     raw["W_K"] = _expand_kv(_t(model.W_K), H)
@@ -246,7 +258,6 @@ def _read_raw(model) -> dict[str, Any]:
         if raw["ln2_w"] is None and getattr(model.cfg, "parallel_attn_mlp", False):
             raw["ln2_w"], raw["ln2_b"] = raw["ln1_w"], raw["ln1_b"]   # the MLP reads ln1 too (GPT-J)
         raw["lnf_w"], raw["lnf_b"] = _ln(getattr(model, "ln_final", None))
-    return raw
 
 
 def _centre(x: Tensor | None, dim: int) -> Tensor | None:
