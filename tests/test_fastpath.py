@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tl_copies import perturb_biases
 
 from qkov.config import ModelConfig
 from qkov.fastpath import Plan, native, plan
@@ -22,11 +23,7 @@ def no_native():
 def _randomised(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> Transformer:
     """A model with every parameter random, biases and LayerNorm weights included."""
     model = Transformer(cfg, seed=seed).to(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and not name.split(".")[-1].startswith("W_"):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    perturb_biases(model, seed)
     return model
 
 

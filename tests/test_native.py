@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tl_copies import perturb_biases
 
 import qkov
 from qkov.config import ModelConfig
@@ -30,11 +31,7 @@ def kernels():
 
 def _random_model(cfg: ModelConfig, seed: int) -> Transformer:
     model = Transformer(cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.split(".")[-1].startswith("b_"):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    perturb_biases(model, seed)
     return model
 
 

@@ -1,5 +1,6 @@
-"""Shared by the hook, intervention and patching tests: a random TransformerLens model with
-non-trivial biases and LayerNorm parameters, and its qkov copy (``from_transformer_lens``)."""
+"""Shared by the hook, intervention, patching, fast-path and C-kernel tests: a random
+TransformerLens model with non-trivial biases and LayerNorm parameters, and its qkov copy
+(``from_transformer_lens``); ``perturb_biases`` for random qkov models too."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ ARCHS = {
 
 
 def perturb_biases(model, seed: int) -> None:
-    """Add seeded noise to every parameter that is not a ``W_`` matrix (biases, LayerNorm
-    weights): freshly initialised ones are zeros and ones, which would hide their bugs."""
+    """Add seeded noise to every trained parameter that is not a ``W_`` matrix (biases, LayerNorm
+    weights): freshly initialised ones are zeros and ones, which would hide their bugs. Frozen
+    ones (a qkov model's biases with ``use_bias=False``) stay as they are. Works for qkov and
+    TransformerLens models alike."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not name.split(".")[-1].startswith("W_"):
+            if p.requires_grad and not name.split(".")[-1].startswith("W_"):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
