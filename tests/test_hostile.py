@@ -4,12 +4,15 @@ on exit 2), never a traceback, never a ``.tmp`` file left behind, and in bounded
 
 The fuzzers run in-process (``qkov.cli.main(argv)``) with a fixed seed and a bounded number of
 examples; ``QKOV_FUZZ_EXAMPLES=N`` runs N per fuzzer by hand (the README's reliability paragraph
-quotes such a run).
+quotes such a run). ``qkov sweep`` and ``qkov tour`` are fuzzed with their steps faked (a point or
+a tour run 'trains' at once), so every check they make before and around training runs, in the
+fast tier; on exit 2 nothing under the test's folder may have changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -342,6 +345,179 @@ def test_fuzz_damaged_run_directories(tmp_path_factory, runs, data):
                                       ["certify", str(run), "--length", "2"]]))
     code, _, err = cli(argv)
     assert_clean(code, err, run), what
+
+
+# --------------------------------------------------------------- qkov sweep and qkov tour, generated
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+def assert_clean_or_unchanged(code: int, err: str, work: Path, before: dict[str, bytes]) -> None:
+    """Exit 0 (progress lines on stderr are fine, a traceback never), or exit 2 with one line and
+    nothing written under ``work``; no ``.tmp`` file either way."""
+    assert "Traceback" not in err, err
+    if code == 2:
+        assert_clean(code, err, work)
+        assert files_under(work) == before, sorted(set(files_under(work)) ^ set(before))
+    else:
+        assert code == 0, (code, err)
+        assert not [p for p in work.rglob("*.tmp")], sorted(work.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def summary_of_a(runs) -> dict:
+    return qkov.analyze(store.load(runs["a"]), qkov.get_task("max")).to_dict()
+
+
+@pytest.fixture
+def fake_points(monkeypatch, runs, summary_of_a):
+    """Sweep points that finish at once, in this process, whatever the backend: a point's run
+    directory gets its own config.json beside run ``a``'s weights, metrics and summary, and a
+    'done' record. The driver's checks, its registry and its directory handling all run."""
+    from qkov.config import ModelConfig, TrainConfig
+    from qkov.sweep import pools
+    from qkov.tasks import task_from_dict
+
+    def point(job):
+        path = Path(job["path"])
+        rc = store.RunConfig(task_from_dict(job["task"]), ModelConfig.from_dict(job["model"]),
+                             TrainConfig.from_dict(job["train"]), job["seed"])
+        store.write_config(path, rc)
+        for name in (store.MODEL, store.METRICS):
+            store.atomic_write_bytes(path / name, (runs["a"] / name).read_bytes())
+        store.save_summary(path, summary_of_a)
+        record = {"hash": job["hash"], "seed": job["seed"], "attempt": job["attempt"], "status": "done",
+                  "train_s": 0.0, "analyze_s": 0.0, "finished": "2026-01-01T00:00:00+00:00"}
+        store.save_sweep_record(path, record)
+        return record
+
+    monkeypatch.setattr(pools, "train_point", point)
+    monkeypatch.setattr(sys.modules["qkov.sweep"], "_pool", lambda *a, **k: pools.SerialPool(1))
+
+
+def _in(work: Path, argv: list[str]) -> tuple[int, str, str]:
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        return cli(argv)
+    finally:
+        os.chdir(old)
+
+
+def _places(work: Path, runs) -> list[str]:
+    """--out/-o values: new folders, a file, a folder that cannot be made, a run directory, odd names."""
+    (work / "a_file").write_text("x")
+    (work / "sweep_of_add" / "seed0000-add").mkdir(parents=True)
+    task, m, t = qkov.tasks.configure("add", {})
+    store.write_config(work / "sweep_of_add" / "seed0000-add", store.RunConfig(task, m, t, 0))
+    shutil.copytree(runs["a"], work / "a_run")
+    return [str(work / "new"), "new2", str(work / "a_file"), str(work / "a_file" / "below"), "/proc/x",
+            str(work / "sweep_of_add"), str(work / "a_run"), "", ".", "ü/ß", "-", "a\nb"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "0:10000000000000"], "names more than 1,000,000 seeds, the most one sweep takes"),
+    (["--seeds", "0:2", "--set", "d_model=32,100000000"], "a point of the sweep (d_model=100000000) needs about"),
+    (["--seeds", "0:2", "--out", "a_file/below"], "a file is in the way"),
+])
+def test_sweep_input_refused_before_anything_is_made(tmp_path, runs, fake_points, argv, message):
+    """Seeds are counted before the list is made, every point is sized before the sweep starts, and
+    an --out that cannot be a folder gets store's line."""
+    places = _places(tmp_path, runs)
+    before = files_under(tmp_path)
+    code, _, err = _in(tmp_path, ["sweep", "max", "--out", places[1], *argv])
+    assert code == 2 and message in err, err
+    assert_clean_or_unchanged(code, err, tmp_path, before)
+    assert not (tmp_path / "new2").exists()
+
+
+SEEDS = st.one_of(
+    st.sampled_from(["0", "0:2", "3,5", "0:1,7", "5:5", "2:1", "-1", "0:-3", "a", "", " ", "0:2,1", "0:10**3",
+                     "0:10000000000000", "0:1000001", "\u0663", "0:3:5", "1e3", "0x10", "0:2,,3", "0 : 2", "1_0"]),
+    NUMBERS, TEXT)
+GRID_VALUES = st.lists(VALUE, min_size=0, max_size=3).map(",".join)
+GRID = st.tuples(st.one_of(st.sampled_from(KEYS + ["seed", "task", "p"]), TEXT), GRID_VALUES).map(
+    lambda kv: f"{kv[0]}={kv[1]}")
+
+
+FEW = st.sampled_from(["0", "1", "2", "3", "1000000000000000000000"])
+
+
+def _sweep_args(data, places: list[str]) -> list[str]:
+    option = st.one_of(
+        st.tuples(st.just("--seeds"), SEEDS), st.tuples(st.just("--set"), GRID),
+        st.tuples(st.just("--set"), st.sampled_from(["steps=2,3", "lr=1e-3,3e-3", "d_model=100000000",
+                                                     "betas=[0.9,0.98],(0.9", "steps=", "lr=1e-3,,2"])),
+        st.tuples(st.just("--jobs"), st.one_of(FEW, FEW, NUMBERS, TEXT)),
+        st.tuples(st.just("--backend"), st.sampled_from(["local", "serial", "ray", "local", "serial", "", "x"])),
+        st.tuples(st.just("--address"), st.sampled_from(["auto", "ray://nowhere:1", ""])),
+        st.tuples(st.just("--out"), st.sampled_from(places)), st.tuples(st.just("--out"), st.sampled_from(places)),
+        st.tuples(st.just("--retries"), st.one_of(FEW, FEW, NUMBERS)),
+        st.tuples(st.sampled_from(["--quiet", "--help", "--seeds", "--out", "--bogus", "0:2"])),
+    )
+    args = [a for opt in data.draw(st.lists(option, max_size=5)) for a in opt]
+    task = data.draw(st.sampled_from(["max", "add", "mx", "", "modadd", "--seeds"]))
+    # Valid seeds last (argparse keeps the last) two times in three, so the other options are reached.
+    tail = data.draw(st.sampled_from([[], ["--seeds", "0:2"], ["--seeds", "1"]]))
+    return [task, *args, *tail]
+
+
+@seed(20)  # fast tier: 60 cases in under a second (the steps are faked)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_sweep_command_lines(tmp_path_factory, runs, fake_points, data):
+    work = tmp_path_factory.mktemp("sweep")
+    places = _places(work, runs)
+    argv = ["sweep", *_sweep_args(data, places)]
+    before = files_under(work)
+    code, _, err = _in(work, argv)
+    assert_clean_or_unchanged(code, err, work, before)
+
+
+@pytest.fixture
+def fake_tour(monkeypatch, runs, summary_of_a):
+    """The tour's training, analysis and pages, faked: a run 'trains' by writing its config.json
+    and returning run ``a``, every summary is ``a``'s, every page a few bytes. What the tour
+    checks before it trains (its folder, every run directory in it, --set) runs as it is."""
+    tour = importlib.import_module("qkov.tour")
+    done = store.load_run(runs["a"])
+
+    def train(task, out, seed, model_config, train_config, quiet):
+        store.write_config(out, store.RunConfig(task, model_config, train_config, seed))
+        return done
+
+    class Summary:
+        def to_dict(self):
+            return summary_of_a
+
+    def page(path, *a, **k):
+        store.atomic_write_text(Path(path if not k.get("out") else k["out"]), "<html></html>")
+        return Path(k.get("out") or path)
+
+    monkeypatch.setattr(tour, "train", train)
+    monkeypatch.setattr(tour, "analyze", lambda *a, **k: Summary())
+    monkeypatch.setattr(tour, "write_report", lambda run, **k: page(None, **k))
+    monkeypatch.setattr(tour, "write_plotly_js", page)
+    monkeypatch.setattr(tour, "frequency_comparison", lambda *a: {"frequency_overlap": 0.5,
+                                                                 "shared_dominant_frequencies": [1]})
+
+
+@seed(21)  # fast tier: 60 cases in under a second (the steps are faked)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_tour_command_lines(tmp_path_factory, runs, fake_tour, data):
+    work = tmp_path_factory.mktemp("tour")
+    places = _places(work, runs)
+    option = st.one_of(
+        st.tuples(st.sampled_from(["-o", "--output"]), st.sampled_from(places)),
+        st.tuples(st.just("--set"), st.one_of(SET, st.sampled_from(["threads=1", "threads=-1", "threads=x",
+                                                                    "train.threads=2", "steps=3", "threads="]))),
+        st.tuples(st.sampled_from(["--quiet", "--help", "-o", "--set", "--bogus", "max"])),
+    )
+    argv = ["tour", *[a for opt in data.draw(st.lists(option, max_size=5)) for a in opt]]
+    before = files_under(work)
+    code, _, err = _in(work, argv)
+    assert_clean_or_unchanged(code, err, work, before)
 
 
 @pytest.mark.slow

@@ -171,7 +171,7 @@ def sweep(
     out = Path(out) if out is not None else Path("sweeps") / base.name
     check_sweep_dir(out, base.name)
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    out.mkdir(parents=True, exist_ok=True)
+    store.ensure_dir(out)                   # an OS failure is store's one line, naming the path
     with registry.writer_lock(out):
         reg = registry.Registry(out, write=True)
         try:

@@ -19,8 +19,11 @@ from .. import registry, store
 from ..errors import QkovError
 from ..store import RunConfig
 from ..tasks import Task, configure
+from ..train import check_setup
 
 __all__ = ["Point", "check_sweep_dir", "parse_grid", "parse_seeds", "plan", "run_name"]
+
+MAX_SEEDS = 1_000_000  # seeds in one sweep (a registry row and a run directory each)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -37,6 +40,9 @@ def parse_seeds(text: str) -> list[int]:
         a, b = int(m[1]), int(m[2]) if m[2] is not None else int(m[1]) + 1
         if b <= a:
             raise QkovError(f"--seeds {part.strip()} is an empty range; expected A:B with B > A, e.g. --seeds 0:151")
+        if b - a + len(seeds) > MAX_SEEDS:  # before the list is made (0:10**12 would fill the memory)
+            raise QkovError(f"--seeds {text!r} names more than {MAX_SEEDS:,} seeds, the most one sweep takes; "
+                            f"split it into several sweeps")
         seeds.extend(range(a, b))
     if len(set(seeds)) != len(seeds):
         raise QkovError(f"--seeds {text!r} names a seed twice; give each seed once")
@@ -99,7 +105,8 @@ def run_name(rc: RunConfig, digest: str) -> str:
 
 def plan(task: Task | str, seeds: list[int], grid: dict[str, list[Any]] | None = None) -> list[Point]:
     """The sweep's points, seeds varying fastest; every config is checked here, before anything
-    is written (an unknown key or a value that does not parse is a QkovError)."""
+    is written (an unknown key, a value that does not parse, or a point that cannot fit in
+    memory, ``qkov.train.check_setup``, is a QkovError)."""
     if not seeds:
         raise QkovError("the sweep has no seeds; pass a non-empty range, e.g. --seeds 0:10")
     grid = grid or {}
@@ -109,6 +116,7 @@ def plan(task: Task | str, seeds: list[int], grid: dict[str, list[Any]] | None =
     points, names = [], set()
     for combo in itertools.product(*grid.values()):
         t, m, tr = configure(task, dict(zip(grid, combo)))
+        check_setup(RunConfig(t, m, tr), what=f"a point of the sweep ({_settings(grid, combo)})")  # fits in memory
         for seed in seeds:
             rc = RunConfig(t, m, tr, seed)
             digest = registry.config_hash(rc)
@@ -117,6 +125,10 @@ def plan(task: Task | str, seeds: list[int], grid: dict[str, list[Any]] | None =
                 names.add(point.name)
                 points.append(point)
     return points
+
+
+def _settings(grid: dict[str, list[Any]], combo: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(grid, combo)) or "the task's reference settings"
 
 
 def check_sweep_dir(out: Path, task: str) -> None:
