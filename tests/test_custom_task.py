@@ -159,3 +159,27 @@ def test_the_registry_reads_a_task_of_your_own_against_its_defaults(task_file):
     task = resolve(f"{task_file}:LastSeen")(vocab=10)
     rc = RunConfig(task, task.model_config(), task.train_config().replace(lr=3e-3), 0)
     assert settings_of(rc) == {"vocab": 10, "lr": 3e-3}
+
+
+def test_a_classifier_names_its_classes_in_show_and_the_report():
+    """``output_labels`` labels the logits: a classifier's classes, not the input tokens."""
+    from qkov.report import data
+    from qkov.show import show
+    from qkov.tasks.arithmetic import MaxTask
+
+    class Parity(MaxTask):
+        name = "parity_of_max"
+
+        @property
+        def d_vocab_out(self):
+            return 2
+
+        def output_labels(self):
+            return ["even", "odd"]
+
+    task = Parity()
+    model = qkov.Transformer(qkov.ModelConfig(d_model=16, d_vocab=64, d_vocab_out=2, n_ctx=6))
+    (shown,) = show(model, task, "3 5 8")
+    assert sorted(t["label"] for t in shown.top[0]) == ["even", "odd"]
+    assert data._labels(task, 2, None, output=True) == ["even", "odd"]
+    assert data._labels(task, 3, None)[:3] == ["0", "1", "2"]

@@ -161,10 +161,10 @@ def _show_one(model, task: Task, text: str, tokens: list[int], top_k: int) -> Sh
         scores, cache = _forward(model, names, tokens, positions)
     predictions = scores.argmax(-1).tolist()
     known = [(p, e) for p, e in zip(predictions, expected) if e is not None]
-    labels = task.token_labels()
+    labels, outs = task.token_labels(), task.output_labels()
     probs = scores.softmax(-1)
     best = scores.topk(min(top_k, scores.shape[-1]), dim=-1).indices           # [answers, k]
-    top = [[{"token": int(t), "label": labels[int(t)] if int(t) < len(labels) else str(int(t)),
+    top = [[{"token": int(t), "label": outs[int(t)] if int(t) < len(outs) else str(int(t)),
              "logit": round(float(scores[i, t]), 4), "prob": round(float(probs[i, t]), 4)} for t in row]
            for i, row in enumerate(best.tolist())]
     patterns = {f"{l}.{h}": [[round(float(v), 4) for v in row] for row in cache[name][0, h].tolist()]

@@ -214,8 +214,10 @@ class ReportData:
 
 
 # ------------------------------------------------------------------------- helpers
-def _labels(task, n: int, given: Sequence[str] | None) -> list[str]:
-    labels = list(given) if given is not None else list(task.token_labels())
+def _labels(task, n: int, given: Sequence[str] | None, output: bool = False) -> list[str]:
+    """``n`` labels: the ``given`` ones, else the task's token (or, ``output``, logit) labels,
+    then the id for any beyond them."""
+    labels = list(given) if given is not None else list(task.output_labels() if output else task.token_labels())
     return [str(labels[i]) if i < len(labels) else str(i) for i in range(n)]
 
 
@@ -311,7 +313,7 @@ def gather(
         metrics=metrics,
         summary=summary,
         token_labels=labels[:nv],
-        out_labels=_labels(task, w.d_vocab_out, token_labels)[:nout],
+        out_labels=_labels(task, w.d_vocab_out, token_labels, output=True)[:nout],
         n_ctx=cfg.n_ctx,
         examples=examples,
         heads=heads,

@@ -154,6 +154,11 @@ class Task(TaskText):
         """A label per input token id, for plots."""
         return [str(i) for i in range(self.d_vocab)]
 
+    def output_labels(self) -> list[str]:
+        """A label per output logit id, for plots and ``qkov show``: the token labels by default
+        (answers are tokens); a classifier names its classes."""
+        return self.token_labels()
+
     def group_name(self) -> str | None:
         """How eval accuracy is broken down: 'length', 'position' or None."""
         return None
