@@ -93,6 +93,15 @@ def test_the_eval_set_holds_every_kind_and_evaluate_reports_each(task):
     assert out["accuracy"] == pytest.approx(mean)
 
 
+def test_a_target_accuracy_asks_for_it_on_every_kind(task):
+    from qkov.evaluation import target_reached
+
+    row = {"accuracy": 0.995, "loss": 0.02, "by_kind": {k: {"accuracy": 0.995, "loss": 0.02, "n": 1} for k in KINDS}}
+    assert target_reached(row, 0.99)
+    row["by_kind"]["equal_negative"]["accuracy"] = 0.98
+    assert not target_reached(row, 0.99)
+
+
 def test_bad_input_is_one_line(task):
     for text, says in [("(a)", "'a' is not a bracket"), ("(" * 41, "has 41 brackets"), ("", "has 0 brackets"),
                        ("1 2", "'1' is not a bracket")]:

@@ -36,7 +36,7 @@ def format_eval(m: dict[str, Any], name: str = "") -> str:
     if "train_accuracy" in m:
         head += f"  (test split; train accuracy {m['train_accuracy']:.2%}, loss {m['train_loss']:.4g})"
     lines = [head]
-    for group in ("length", "position"):
+    for group in ("length", "position", "kind"):
         for k, g in m.get(f"by_{group}", {}).items():
             lines.append(f"  {group} {k}: accuracy {g['accuracy']:.2%}  loss {g['loss']:.4g}  (n={g['n']})")
     if "loss_rest" in m:

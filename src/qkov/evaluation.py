@@ -37,10 +37,10 @@ class Evaluator:
 
 
 def target_reached(metrics: dict[str, Any], target: float | None) -> bool:
-    """Overall accuracy and every group's accuracy (by length or position) reach ``target``."""
+    """Overall accuracy and every group's accuracy (by length, position or kind) reach ``target``."""
     if target is None:
         return False
     accs = [metrics["accuracy"]]
-    for key in ("by_length", "by_position"):
+    for key in ("by_length", "by_position", "by_kind"):
         accs += [g["accuracy"] for g in metrics.get(key, {}).values()]
     return min(accs) >= target
