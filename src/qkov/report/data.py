@@ -33,6 +33,10 @@ MAX_TOKENS = 256        # circuits over larger vocabularies show their first MAX
 # head has come first; position pairs for the QK dropdown fill what is left; a model whose
 # circuits alone would not fit shows fewer token ids (induction, 4 heads x 256 tokens: 128).
 PAGE_NUMBERS = 650_000
+# At most this many (query, key) position pairs in a head's QK dropdown: beyond it the menu
+# is unusable, and plotly spends seconds laying out its buttons (a bidirectional n_ctx=42 model
+# fits all 1,764 pairs in the budget: 9 MB and ~10 s of layout, for a menu no one scrolls).
+MAX_QK_PAIRS = 128
 
 
 def round_sig(x, digits: int = 4) -> np.ndarray:
@@ -376,10 +380,11 @@ def _positional(a: np.ndarray, causal: bool) -> np.ndarray:
 def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int, n_pairs: int) -> list[HeadData]:
     """Each head's circuits: full QK (also at ``n_pairs`` (q, k) position pairs, the page's
     budget), positional QK (acausal cells masked), full OV and its eigenvalues."""
-    w, cfg = circuits.weights(model), model.cfg
+    w, cfg = circuits.weights(model), model.cfg                                 # read (and folded) once
     scored = getattr(task, "scored_positions", None)
     first = None if w.causal or not scored else int(scored[0])     # a bidirectional classifier's query
-    pairs = _qk_pairs(cfg.n_ctx, max(1, n_pairs - 1), w.causal, first) if w.W_pos is not None else []
+    limit = max(1, min(n_pairs, MAX_QK_PAIRS) - 1)
+    pairs = _qk_pairs(cfg.n_ctx, limit, w.causal, first) if w.W_pos is not None else []
     default = _default_pair(task, cfg.n_ctx) if pairs else None
     if default is not None and default not in pairs:
         pairs = sorted(set(pairs) | {default})
@@ -388,14 +393,14 @@ def _heads(model, task, summary: dict[str, Any], nv: int, nout: int, digits: int
     heads = []
     for l in range(cfg.n_layers):
         for h in range(cfg.n_heads):
-            fov = circuits.full_ov(model, l, h)
+            fov = circuits.full_ov(w, l, h)
             eig = circuits.FactoredMatrix(fov.A[:n_sq], fov.B[:, :n_sq]).eigenvalues
             heads.append(HeadData(
                 layer=l, head=h, scores=rows.get((l, h), {}),
-                qk=_np(circuits.full_qk(model, l, h).AB[:nv, :nv], digits),
-                qk_pairs={(q, k): _np(circuits.full_qk(model, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
+                qk=_np(circuits.full_qk(w, l, h).AB[:nv, :nv], digits),
+                qk_pairs={(q, k): _np(circuits.full_qk(w, l, h, q, k).AB[:nv, :nv], digits) for q, k in pairs},
                 qk_default=default,
-                positional_qk=(_positional(_np(circuits.positional_qk(model, l, h), digits), w.causal)
+                positional_qk=(_positional(_np(circuits.positional_qk(w, l, h), digits), w.causal)
                                if w.W_pos is not None else None),
                 ov=_np(fov.AB[:nv, :nout], digits),
                 eigenvalues=np.asarray(eig.detach().cpu().numpy(), dtype=np.complex128),
