@@ -210,3 +210,75 @@ def test_a_worker_killed_mid_run_is_retried_without_a_duplicate(tmp_path):
     assert driver.returncode == 0, stdout
     rows = _check_every_point_once(out, 3)
     assert max(r["attempts"] for r in rows) == 2
+
+
+SERIAL_ARGS = ("sweep", "max", "--seeds", "0:3", "--set", "min_len=4", "--set", "max_len=4", "--set", "steps=200",
+               "--backend", "serial", "--quiet")
+
+
+def _holds_writer_lock(out: Path) -> bool:
+    """Whether a driver holds the sweep's writer lock (it has checked its input and is at work)."""
+    import fcntl
+
+    if not (out / registry.LOCK).is_file():
+        return False
+    with open(out / registry.LOCK) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+@pytest.mark.slow
+def test_the_serial_driver_sigkilled_at_random_moments_then_rerun_loses_nothing(tmp_path):
+    """With ``--backend serial`` the driver trains, analyses and writes every file itself; killed at
+    random moments (at most four times), a rerun finishes every point once, the registry passes
+    SQLite's integrity check, no temporary is left, and each model is the uninterrupted sweep's."""
+    import random
+    import sqlite3
+
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_qkov(*SERIAL_ARGS, "--out", str(whole)), check=True, capture_output=True, timeout=600)
+    rng, kills = random.Random(17), 0
+    for _ in range(4):                       # bounded: four kills at most, each wait with a deadline
+        driver = subprocess.Popen(_qkov(*SERIAL_ARGS, "--out", str(out)), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            _wait(lambda d=driver: _holds_writer_lock(out) or d.poll() is not None, 120, "the driver to start")
+            time.sleep(rng.uniform(0.0, 4.0))    # a random moment: training, analysing or writing a point
+            if driver.poll() is not None:
+                break                        # it finished first: nothing left to kill
+            os.kill(driver.pid, signal.SIGKILL)
+            kills += 1
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            driver.wait(10)
+    assert kills >= 1, "the sweep finished before it could be killed; give it more steps"
+    final = subprocess.run(_qkov(*SERIAL_ARGS, "--out", str(out)), capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr
+    rows = _check_every_point_once(out, 3)
+    con = sqlite3.connect(f"file:{out / registry.DB}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+    assert not list(out.rglob("*.tmp")), sorted(out.rglob("*.tmp"))
+    for r in rows:
+        assert (Path(r["path"]) / store.MODEL).read_bytes() == (whole / r["name"] / store.MODEL).read_bytes()
+
+
+def test_a_killed_writers_temporaries_are_swept_when_the_point_is_rerun(tmp_path):
+    """A point cut short mid-write (its hidden ``.tmp`` files left, no record): the rerun trains it
+    again under the run directory's lock, which sweeps them."""
+    out = tmp_path / "s"
+    first = sweep(MAX4, seeds=[0], grid={"steps": ["10"]}, out=out, backend="serial", quiet=True)
+    path = Path(first.rows[0]["path"])
+    (path / store.SWEEP_RECORD).unlink()
+    (path / store.MODEL).unlink()
+    left = [path / ".model.safetensors.k1ll3d.tmp", path / store.CHECKPOINTS / ".step_10.safetensors.k1ll3d.tmp"]
+    for f in left:
+        f.write_bytes(b"half")
+    again = sweep(MAX4, seeds=[0], grid={"steps": ["10"]}, out=out, backend="serial", quiet=True)
+    assert (again.trained, again.rows[0]["status"]) == (1, "done")
+    assert not any(f.exists() for f in left) and not list(out.rglob("*.tmp"))

@@ -9,6 +9,7 @@ A worker process is a fresh ``sys.executable`` that imports this module, never a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -79,23 +80,28 @@ def _train_point(job: dict[str, Any]) -> dict[str, Any]:
     path = Path(job["path"])
     record: dict[str, Any] = {"hash": job["hash"], "seed": job["seed"], "attempt": job["attempt"],
                               "host": socket.gethostname(), "status": "failed"}
-    try:
-        t0 = time.perf_counter()
-        train(task_from_dict(job["task"]), out=path, seed=job["seed"], model_config=ModelConfig.from_dict(job["model"]),
-              train_config=TrainConfig.from_dict(job["train"]), quiet=True)
-        t1 = time.perf_counter()
-        run = store.load_run(path)
-        store.save_summary(path, analyze(run.model, run.task, checkpoints=run.checkpoints()).to_dict())
-        t2 = time.perf_counter()
-        bound, cert = _certified(run.model, run.task)
-        record.update(status="done", train_s=round(t1 - t0, 3), analyze_s=round(t2 - t1, 3),
-                      certify_s=round(time.perf_counter() - t2, 3) if cert is not None else None,
-                      certified_bound=bound, certify=cert)
-    except Exception as e:  # noqa: BLE001 (a run's failure is data: recorded, retried, reported)
-        record["error"] = _one_line(e)
-    record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    if store.is_run_dir(path):
-        store.save_sweep_record(path, record)
+    # The run directory's lock, as qkov train takes it: it sweeps the temporaries a killed
+    # worker (or a killed serial driver) left mid-write, and keeps the point to one writer.
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store.run_lock(path))
+            t0 = time.perf_counter()
+            train(task_from_dict(job["task"]), out=path, seed=job["seed"],
+                  model_config=ModelConfig.from_dict(job["model"]), train_config=TrainConfig.from_dict(job["train"]),
+                  quiet=True)
+            t1 = time.perf_counter()
+            run = store.load_run(path)
+            store.save_summary(path, analyze(run.model, run.task, checkpoints=run.checkpoints()).to_dict())
+            t2 = time.perf_counter()
+            bound, cert = _certified(run.model, run.task)
+            record.update(status="done", train_s=round(t1 - t0, 3), analyze_s=round(t2 - t1, 3),
+                          certify_s=round(time.perf_counter() - t2, 3) if cert is not None else None,
+                          certified_bound=bound, certify=cert)
+        except Exception as e:  # noqa: BLE001 (a run's failure is data: recorded, retried, reported)
+            record["error"] = _one_line(e)
+        record["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        if store.is_run_dir(path):
+            store.save_sweep_record(path, record)
     return record
 
 
