@@ -1,7 +1,8 @@
 """Faults lose nothing: a full disk during training leaves every earlier file loadable and says
 what failed; SIGKILL at a random moment of ``qkov train`` followed by ``--resume`` (or a rerun)
 ends in the same weights as an uninterrupted run; two ``qkov train`` aimed at one ``--out``
-cannot interleave (the second refuses with one line)."""
+cannot interleave (the second refuses with one line); ``qkov certify`` killed mid-way leaves the run
+as it was and no half-printed JSON. (SIGKILL of ``qkov sweep``: tests/test_sweep.py.)"""
 
 from __future__ import annotations
 
@@ -153,3 +154,39 @@ def test_full_disk_keeps_the_earlier_file(mount):
             store.atomic_write_bytes(page, b"new" * 60_000)
         assert page.read_bytes() == b"old" * 20_000
         assert not list(disk.glob("*.tmp"))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+@pytest.mark.slow
+def test_sigkill_of_certify_leaves_nothing_half_written(tmp_path):
+    """``qkov certify DIR --json > FILE`` writes nothing into the run (it reads it and prints), and
+    prints its JSON only once the proofs are done: SIGKILLed mid-way (brute force over 64**6 inputs
+    runs for minutes), the run is byte for byte as it was, FILE is empty rather than half a JSON
+    object, and a rerun prints the whole certificate."""
+    import json
+
+    run = tmp_path / "run"
+    code, _, err = cli(["train", "max", "--out", str(run), "--steps", "20", "--quiet", "--set", "batch_size=64",
+                        "--set", "checkpoint_every=10"])
+    assert code == 0, err
+    before = _files(run)
+    rng = random.Random(3)
+    for attempt in range(2):              # bounded: two kills, each after at most a few seconds
+        out = tmp_path / f"cert{attempt}.json"
+        with open(out, "wb") as f:
+            proc = subprocess.Popen([*QKOV, "certify", str(run), "--json", "--exact-limit", str(64 ** 6)],
+                                    stdout=f, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(1.0, 6.0))   # importing, loading the run, or proving
+            assert proc.poll() is None, "certify finished before it could be killed"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert out.read_bytes() == b""
+        assert _files(run) == before and not list(run.rglob("*.tmp"))
+    done = subprocess.run([*QKOV, "certify", str(run), "--json", "--length", "3"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)["lengths"]) == {"3"}
+    assert _files(run) == before
