@@ -41,7 +41,7 @@ def test_hand_examples_are_labelled_as_a_loop_labels_them(task):
         assert task.expected(tokens) == [want] == [int(balanced_by_hand(s))], s
         assert task.format(tokens) == s
     assert task.format_answer([1]) == "balanced" and task.format_answer([0]) == "unbalanced"
-    assert task.answer_positions(task.parse("(()")) == [0]
+    assert task.answer_positions(task.parse("(()")) == [0] and task.output_labels() == ["unbalanced", "balanced"]
 
 
 def test_a_batch_is_start_brackets_end_then_padding_scored_at_start_only(task):
@@ -140,3 +140,23 @@ def test_show_answers_balanced_or_not(run):
     assert out.returncode == 0 and "answer    balanced" in out.stdout
     bad = subprocess.run(cli + ["(()x"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not a bracket" in bad.stderr
+
+
+@pytest.mark.slow
+def test_findings_name_the_count_head_and_the_elevation_parts_and_their_ablations_agree(run):
+    summary = qkov.analyze(run.model, run.task)
+    a, checks = summary.attention, {c["id"]: c for c in summary.checks}
+    heads = a["heads_at_start"]
+    count = heads[a["proportion_head"]]
+    assert count["on_brackets"] >= 0.5 and count["from_uniform"] == min(h["from_uniform"] for h in heads.values())
+    assert count["from_uniform"] < 0.3                         # roughly uniform over the brackets
+    # Ablating the count head breaks what only counting tells apart; the elevation goes through
+    # the negative head and MLP 0 (pair accuracies near chance, 50%).
+    assert checks["proportion_head_needed"]["holds"] and checks["proportion_head_needed"]["after"] < 0.8
+    assert checks["negative_head_needed"]["holds"] and checks["mlp0_needed"]["holds"]
+    neg = heads[a["negative_head"]]
+    assert neg["on_negative_ratio"] > 1 and neg["on_close"] > 0.9 > a["close_share"]
+    found = {f.id: f for f in summary.findings}
+    assert found["accuracy_by_kind"].value >= 0.99 and f"Head {a['proportion_head']} " in found["proportion_head"].text
+    # Layer 0 does not sum prefixes or suffixes: from each bracket, its weight on later ones is uniform's, near enough.
+    assert abs(found["no_prefix_sums"].value - a["later_brackets_uniform"]) < 0.1

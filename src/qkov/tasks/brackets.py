@@ -331,6 +331,9 @@ class BracketsTask(Task):
     def token_labels(self) -> list[str]:
         return list(LABELS)
 
+    def output_labels(self) -> list[str]:
+        return list(CLASSES)
+
     def model_config(self) -> ModelConfig:
         # ARENA's: 3 layers, 2 heads, d_model 56, d_mlp 56, LayerNorm, bidirectional, padding masked.
         return ModelConfig(n_layers=3, n_heads=2, d_model=56, d_mlp=56, d_vocab=self.d_vocab,
