@@ -262,7 +262,7 @@ def uniform_within_brackets(layer: int, head: int) -> _Edit:
 def bracket_checks(iv, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """What each part the facts name is needed for, read as the mean accuracy over a pair of kinds
     (:data:`PAIRS`; 50% is chance): the proportion head, mean-ablated, for the count; the negative
-    head and each MLP for the elevation (each holds when that accuracy falls by 10 points or
+    head and MLPs 0 and 1 (ARENA's) for the elevation (each holds when that accuracy falls by 10 points or
     more); and the proportion head's attention from ``[start]`` made exactly uniform over the
     brackets (holds when no kind falls by more than a point)."""
     a = summary.get("attention") or {}
@@ -286,7 +286,7 @@ def bracket_checks(iv, summary: dict[str, Any]) -> list[dict[str, Any]]:
     if n != p:
         needed("negative_head_needed", iv.ablate_heads([n], "mean"), "elevation")
     if iv.model.cfg.d_mlp is not None:
-        for l in range(iv.n_layers):
+        for l in range(min(2, iv.n_layers)):                # ARENA's model finds the dips with MLPs 0 and 1
             x = iv.ablate_neurons({l: list(range(iv.model.cfg.d_mlp))}, "mean")
             needed(f"mlp{l}_needed", _Edit(f"MLP {l} mean-ablated", x.fwd_hooks), "elevation")
     x = uniform_within_brackets(*p)
