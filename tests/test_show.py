@@ -258,3 +258,17 @@ def test_a_given_sequence_is_read_in_one_run():
     (shown,) = show(model, task, "3 5 3")
     assert not shown.generated and shown.tokens == task.parse("3 5 3") == [3, 5, 3, task.sep, 3, 5, 3]
     assert "generated" not in shown.to_text() and shown.expected == "2 1 2"
+
+
+def test_a_bidirectional_heads_table_shows_every_key_zeros_included():
+    task = qkov.get_task("brackets")
+    model = qkov.Transformer(task.model_config(), seed=0)
+    (shown,) = qkov.show(model, task, "(()")
+    assert shown.causal is False
+    shown.patterns["0.0"][0] = [0.0, 0.0, 0.0, 0.0, 1.0]   # a head reading only the last key ([end])
+    row = shown.table("0.0").splitlines()[1].split()
+    assert row[-5:] == ["0.00", "0.00", "0.00", "0.00", "1.00"]
+    causal = qkov.Transformer(qkov.get_task("max").model_config(), seed=0)
+    (m,) = qkov.show(causal, "max", "3 5 8")
+    m.positions = [0]                         # the first query of a causal model: later keys blank
+    assert m.causal and m.table("0.0").splitlines()[1].split() == ["(0)", "3", "1.00"]

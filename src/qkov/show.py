@@ -60,19 +60,21 @@ class Shown:
     top: list[list[dict[str, Any]]]         # per answer position: [{token, label, logit, prob}], best first
     patterns: dict[str, list[list[float]]]  # "layer.head" -> [query_pos][key_pos]
     generated: bool = False                 # the answer was generated (each output fed back as the next token)
+    causal: bool = True                     # the model's attention is causal (keys after a query are never read)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self, head: str, digits: int = 2) -> str:
         """Head ``head``'s (``"layer.head"``) attention at the answer positions as a text table,
-        rows ``(position) token`` of the queries, columns the keys."""
+        rows ``(position) token`` of the queries, columns the keys (blank where a causal model's
+        key comes after its query: never read)."""
         pattern = self.patterns[head]
         width = max(max(len(x) for x in self.labels), digits + 2)
         lead = max(len(self.labels[q]) for q in self.positions)
         lines = [" " * (lead + 2) + "  ".join(x.rjust(width) for x in self.labels)]
         for q in self.positions:
-            cells = [f"{pattern[q][k]:.{digits}f}".rjust(width) if k <= q or pattern[q][k] else " " * width
+            cells = [f"{pattern[q][k]:.{digits}f}".rjust(width) if k <= q or not self.causal else " " * width
                      for k in range(len(self.labels))]
             lines.append(self.labels[q].ljust(lead + 2) + "  ".join(cells).rstrip())
         return "\n".join(lines)
@@ -175,7 +177,7 @@ def _show_one(model, task: Task, text: str, tokens: list[int], top_k: int) -> Sh
         positions=list(positions), predictions=predictions, output=task.format_answer(predictions),
         expected=task.format_answer(expected) if known else None, expected_tokens=list(expected),
         correct=all(p == e for p, e in known) if known else None, top=top, patterns=patterns,
-        generated=task.answer_is_generated,
+        generated=task.answer_is_generated, causal=getattr(getattr(model, "cfg", None), "causal", True),
     )
 
 
