@@ -7,6 +7,7 @@ import torch
 
 from qkov import edges as E
 from qkov import patching as P
+from qkov.corrupted import Corrupted, RowEdit, block_rows, tail_rows, unembed
 from qkov.errors import QkovError
 
 tl = pytest.importorskip("transformer_lens")
@@ -78,6 +79,60 @@ def test_patching_the_trained_induction_model_returns_transformer_lens_values(tr
     for name in [g for g in GRIDS if not any(x in g for x in ("resid_mid", "mlp_out", "dest_src", "every"))]:
         assert_same_values(getattr(P, name)(model, corrupted, ours, metric),
                            getattr(TLP, name)(ref, corrupted, theirs, metric))
+
+
+ROW_PATCHES = ["resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_out"]
+
+
+def _patch_row(act: str, clean: torch.Tensor, row: int, head: int):
+    """A hook putting the clean ``act`` in at one position (one head, for a head's activation)."""
+    def hook(x, hook):
+        x = x.clone()
+        if act == "pattern":
+            x[:, head, row] = clean[:, head, row]
+        elif x.ndim == 4:
+            x[:, row, head] = clean[:, row, head]
+        else:
+            x[:, row] = clean[:, row]
+        return x
+    return hook
+
+
+@pytest.mark.parametrize("arch", ["mlp-LN", "attn-only"])
+def test_a_patched_row_continued_equals_the_full_rerun(arch):
+    # block_rows runs three variants, each patching a different row, side by side: at that row
+    # alone, or at every row from the first on; tail_rows and unembed take them to the logits.
+    # Each must equal the model's own forward with the same patch as a hook.
+    _, model = tl_pair(arch, seed=7, n_ctx=6)
+    clean, corrupted, _ = pairs_of(model, 0)
+    _, cc = model.run_with_cache(clean)
+    run, _ = Corrupted.run(model, corrupted)
+    rows, head, start = torch.tensor([3, 1, 5]), 1, 1
+    for act in [a for a in ROW_PATCHES if model.cfg.d_mlp is not None or a not in ("resid_mid", "mlp_out")]:
+        c_act = cc[P.act_name(act, 0)]
+        value = (c_act[:, :, rows] if act == "pattern" else c_act[:, rows]).movedim(1 + (act == "pattern"), 0)
+        mask = torch.zeros(len(rows), *value.shape[2:], dtype=torch.bool)
+        mask[:, head] = True
+        if c_act.ndim == 3:
+            mask[:] = True
+        x_new = value if act == "resid_pre" else None
+        edit = None if act == "resid_pre" else RowEdit(act, mask, value)
+        with torch.no_grad():
+            own_row = block_rows(model, run, 0, rows, None, x_new=x_new, edit=edit)           # [c, B, 1, d]
+            from_start = block_rows(model, run, 0, rows, start, x_new=x_new, edit=edit)       # [c, B, P - start, d]
+            logits = unembed(model, tail_rows(model, run, 1, start, from_start))
+        for j, r in enumerate(rows.tolist()):
+            hook = [(P.act_name(act, 0), _patch_row(act, c_act, r, head))]
+            with torch.no_grad(), model.hooks(fwd_hooks=hook):
+                expected_logits, cache = model.run_with_cache(corrupted, names_filter="blocks.0.hook_resid_post")
+            after = cache["blocks.0.hook_resid_post"]                                         # [B, P, d]
+            torch.testing.assert_close(from_start[j], after[:, start:], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(logits[j], expected_logits[:, start:], rtol=1e-5, atol=1e-5)
+            if act not in ("resid_pre", "k", "v"):     # row-local: only the patched row's output changes
+                torch.testing.assert_close(own_row[j, :, 0], after[:, r], rtol=1e-5, atol=1e-6)
+                assert not torch.equal(after[:, r], run.resid[1][:, r])                     # the patch did something
+                others = [p for p in range(after.shape[1]) if p != r]
+                torch.testing.assert_close(after[:, others], run.resid[1][:, others], rtol=0, atol=0)
 
 
 def _add_at(name: str, delta: torch.Tensor, head: int | None = None):

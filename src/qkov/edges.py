@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .corrupted import Corrupted, Metric, check_metric_value
 from .errors import QkovError
-from .patching import CHUNK_ELEMENTS, Corrupted, Metric, check_metric_value, check_tokens, row_width
+from .patching import CHUNK_ELEMENTS, check_tokens, row_width
 
 
 @dataclass

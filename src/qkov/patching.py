@@ -4,8 +4,11 @@ Each ``get_act_patch_*`` function takes ``(model, corrupted_tokens, clean_cache,
 patching_metric)`` as ``transformer_lens.patching``'s does and returns a tensor of the same
 shape and values: for every index of its grid (layer, position, head, ...), the metric of the
 corrupted run with that one activation patched in from the clean run. Where TransformerLens runs
-one forward per index, these run the patched variants of a layer side by side in one batch,
-from that layer on (the corrupted run up to it is shared), in chunks of bounded memory; a
+one forward per index, these run the patched variants of a layer side by side, in chunks of
+bounded memory, and only what the patch can change (:mod:`qkov.corrupted`): a patch at one
+position leaves the earlier positions as the corrupted run has them; a head's output, query or
+pattern, ``attn_out``, ``resid_mid`` or ``mlp_out`` at one position change only that position's
+output in their layer, so the layer is computed there alone and the next sees one changed row. A
 variant whose clean and corrupted activations are equal is the corrupted run itself and is not
 run again. ``patching_metric(logits [batch, pos, d_vocab_out])`` must return a scalar. Path
 patching, exact edge patching and attribution patching are in :mod:`qkov.edges`.
@@ -23,15 +26,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .corrupted import Corrupted, Metric, RowEdit, block_rows, check_metric_value, tail_rows, unembed
 from .devices import model_device
 from .errors import QkovError
 
-Metric = Callable[[Tensor], Tensor]
 # Elements of the largest activation (usually the logits) in one batched forward. Small on
 # purpose: on a CPU, forwards that stay in cache ran 2.5x faster per row than 16x larger ones.
 CHUNK_ELEMENTS = 1 << 19
@@ -49,18 +51,6 @@ _ACTS = {
 def act_name(activation: str, layer: int) -> str:
     """TransformerLens's ``utils.get_act_name(activation, layer)`` for the names used here."""
     return f"blocks.{layer}.{_ACTS[activation][0]}"
-
-
-def check_metric_value(value) -> float:
-    """A metric's value as a float; a ``QkovError`` unless it is a scalar."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise QkovError(f"patching_metric returned a tensor of shape {tuple(value.shape)}; it must return a "
-                            f"scalar, e.g. a mean over the batch")
-        return float(value.detach())
-    if isinstance(value, (int, float)):
-        return float(value)
-    raise QkovError(f"patching_metric returned {type(value).__name__}; it must return a scalar tensor or number")
 
 
 def check_tokens(model, tokens: Tensor, clean_cache: Mapping[str, Tensor], name: str) -> Tensor:
@@ -92,45 +82,6 @@ def _mask(act_shape: torch.Size, dims: Sequence[int], indices: Sequence[tuple[in
     return mask[:, None]
 
 
-@dataclass
-class Corrupted:
-    """The corrupted run, shared by every patched variant: its logits ``[B, P, V]`` and, for
-    each layer, the residual stream before it and its keys and values."""
-
-    logits: Tensor
-    resid: list[Tensor]
-    k: list[Tensor]
-    v: list[Tensor]
-
-    @classmethod
-    def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
-        L = range(model.cfg.n_layers)
-        want = [f"blocks.{l}.{n}" for l in L for n in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
-        logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
-        get = lambda n: [cache[f"blocks.{l}.{n}"] for l in L]  # noqa: E731
-        return cls(logits, get("hook_resid_pre"), get("attn.hook_k"), get("attn.hook_v")), cache
-
-    def metrics(self, model, layer: int, p0: int, c: int, fwd_hooks, metric: Metric) -> list[float]:
-        """``metric`` of each of ``c`` copies of the run continued from ``layer`` with
-        ``fwd_hooks`` (on ``[c * B, ...]``, copy ``j`` in rows ``j*B..``), which may change
-        positions ``p0..`` only: earlier positions keep the corrupted run's keys, values and
-        logits (the model is causal) and are not run again."""
-        B, P = self.logits.shape[:2]
-        prefix = None
-        if p0:
-            prefix = [None] * layer + [(k[:, :p0], v[:, :p0]) for k, v in zip(self.k[layer:], self.v[layer:])]
-        inputs = self.resid[layer][:, p0:].repeat(c, 1, 1)                         # [c*B, P - p0, d]
-        tail = model.run_with_hooks(inputs, fwd_hooks=fwd_hooks, start_at_layer=layer, prefix_kv=prefix)
-        # One [B, P, V] buffer holds each copy's logits in turn: only its own rows are written,
-        # and its metric is read (as a float) before the next copy's.
-        logits = self.logits.clone()
-        out = []
-        for rows in tail.view(c, B, P - p0, -1):                                 # [B, P - p0, V]
-            logits[:, p0:] = rows
-            out.append(check_metric_value(metric(logits)))
-        return out
-
-
 def patch_grid(model, corrupted_tokens: Tensor, clean_cache: Mapping[str, Tensor], patching_metric: Metric,
                activation: str, axes: Sequence[str]) -> Tensor:
     """The metric for every index of ``axes`` (``"layer"`` first, then TransformerLens's axis
@@ -156,20 +107,24 @@ def patch_grid(model, corrupted_tokens: Tensor, clean_cache: Mapping[str, Tensor
         base = check_metric_value(patching_metric(run.logits))
         for layer, name in enumerate(names):
             clean = clean_cache[name].to(tokens.device)
-            live = [ix for ix in grid if not _same(clean, corrupt[name], dims, ix)]
+            changes = _changes(clean, corrupt[name], dims)
+            live = [ix for ix in grid if changes[ix]]
             values = dict.fromkeys(grid, base)
-            values.update(_run_variants(model, run, layer, name, clean, dims, query, live, patching_metric))
+            if query is None:
+                values.update(_run_variants(model, run, layer, name, clean, dims, live, patching_metric))
+            else:
+                values.update(_run_rows(model, run, layer, activation, clean, dims, query, live, patching_metric))
             for ix, v in values.items():
                 out[(layer, *ix)] = v
     return out
 
 
-def _same(clean: Tensor, corrupt: Tensor, dims: Sequence[int], ix: tuple[int, ...]) -> bool:
-    """Whether patching index ``ix`` changes nothing (its clean and corrupted slices are equal)."""
-    sl = [slice(None)] * clean.ndim
-    for d, i in zip(dims, ix):
-        sl[d] = i
-    return torch.equal(clean[tuple(sl)], corrupt[tuple(sl)])
+def _changes(clean: Tensor, corrupt: Tensor, dims: Sequence[int]) -> Tensor:
+    """For every grid index (over ``dims``, in their order), whether patching it changes anything
+    (its clean and corrupted slices differ somewhere)."""
+    rest = tuple(d for d in range(clean.ndim) if d not in dims)
+    differs = clean.ne(corrupt).any(dim=rest) if rest else clean.ne(corrupt)      # dims in increasing order
+    return differs.permute(*(sorted(dims).index(d) for d in dims)).cpu()
 
 
 def patcher(mask: Tensor, clean: Tensor) -> Callable:
@@ -190,17 +145,20 @@ def row_width(model) -> int:
     return max(cfg.vocab_out, cfg.d_model * max(2, cfg.n_heads), cfg.d_mlp or 0)
 
 
-def _chunks(indices: list[tuple[int, ...]], query: int | None, P: int, rows: int) -> list[list[tuple[int, ...]]]:
+def _chunks(indices: list[tuple[int, ...]], query: int | None, P: int, rows: int,
+            tail: bool = True) -> list[list[tuple[int, ...]]]:
     """Variants in forwards of at most ``rows`` sequence positions each (variants × the rows each
-    runs): those patching the same query position together, and neighbouring positions merged
-    while that recomputes at most a quarter more rows than running each from its own position,
-    or at most ``rows // 4`` more (a forward's fixed cost is worth about that many)."""
+    runs: from its query position on with ``tail``, else one): those patching the same query
+    position together, and neighbouring positions merged while that recomputes at most a quarter
+    more rows than running each from its own position, or at most ``rows // 4`` more (a forward's
+    fixed cost is worth about that many)."""
     start = (lambda ix: ix[query]) if query is not None else (lambda ix: 0)
+    span = (lambda p: P - p) if tail else (lambda p: 1)
     out: list[list[tuple[int, ...]]] = []
     for ix in sorted(indices, key=start):
         if out:
             group = out[-1] + [ix]
-            cost, ideal = len(group) * (P - start(group[0])), sum(P - start(g) for g in group)
+            cost, ideal = len(group) * span(start(group[0])), sum(span(start(g)) for g in group)
             if cost <= rows and (cost <= 1.25 * ideal or cost - ideal <= rows // 4):
                 out[-1] = group
                 continue
@@ -209,19 +167,70 @@ def _chunks(indices: list[tuple[int, ...]], query: int | None, P: int, rows: int
 
 
 def _run_variants(model, run: Corrupted, layer: int, name: str, clean: Tensor, dims: Sequence[int],
-                  query: int | None, indices: list[tuple[int, ...]], metric: Metric) -> dict[tuple[int, ...], float]:
-    """Run the patched variants ``indices`` of ``name`` side by side, from ``layer`` on and, when
-    the grid picks a query position (``indices[j][query]``), from the chunk's first one on."""
-    B, P = run.logits.shape[:2]
-    row_dim = dims[query] if query is not None else None
+                  indices: list[tuple[int, ...]], metric: Metric) -> dict[tuple[int, ...], float]:
+    """Run the patched variants ``indices`` of ``name`` (each at every position) side by side,
+    from ``layer`` on, through the model's forward."""
+    B = run.logits.shape[0]
     values: dict[tuple[int, ...], float] = {}
-    for part in _chunks(indices, query, P, max(1, CHUNK_ELEMENTS // (B * row_width(model)))):
-        p0 = part[0][query] if query is not None else 0
-        sub = clean if not p0 else clean.narrow(row_dim, p0, clean.shape[row_dim] - p0)
-        shifted = [ix if not p0 else ix[:query] + (ix[query] - p0,) + ix[query + 1:] for ix in part]
-        patch = patcher(_mask(sub.shape, dims, shifted, sub.device), sub)
-        values.update(zip(part, run.metrics(model, layer, p0, len(part), [(name, patch)], metric)))
+    for part in _chunks(indices, None, run.logits.shape[1], max(1, CHUNK_ELEMENTS // (B * row_width(model)))):
+        patch = patcher(_mask(clean.shape, dims, part, clean.device), clean)
+        values.update(zip(part, run.metrics(model, layer, 0, len(part), [(name, patch)], metric)))
     return values
+
+
+# Activations whose patch changes only its own row's output in its layer (a query, a pattern row,
+# a head's output, ...); a patched residual stream, key or value also changes later rows' attention.
+ROW_LOCAL = ("q", "pattern", "z", "attn_out", "resid_mid", "mlp_out")
+
+
+def _run_rows(model, run: Corrupted, layer: int, activation: str, clean: Tensor, dims: Sequence[int], query: int,
+              indices: list[tuple[int, ...]], metric: Metric) -> dict[tuple[int, ...], float]:
+    """Run the variants ``indices`` that each patch ``activation`` at one position
+    (``indices[j][query]``) of ``layer``, side by side (:func:`qkov.corrupted.block_rows`): a
+    row-local patch at that row alone, and then (or a residual stream, key or value at once) every
+    row from the chunk's first patched position on; from the layer after that, the model's forward."""
+    (B, P), last = run.logits.shape[:2], model.cfg.n_layers - 1
+    local = activation in ROW_LOCAL
+    budget = max(1, CHUNK_ELEMENTS // (B * max(row_width(model), model.cfg.n_heads * P)))
+    values: dict[tuple[int, ...], float] = {}
+    for part in _chunks(indices, query, P, budget, tail=not (local and layer == last)):
+        rows = torch.tensor([ix[query] for ix in part], device=clean.device)   # [c]
+        c, p0 = len(part), int(rows.min())
+        if activation == "resid_pre":
+            new = block_rows(model, run, layer, rows, p0, x_new=clean[:, rows].transpose(0, 1))
+            after = layer + 1
+        else:
+            new = block_rows(model, run, layer, rows, None if local else p0,
+                             edit=_row_edit(activation, clean, dims, query, part, rows))
+            after = layer + 1
+            if local and layer == last:         # one changed row, and nothing after it but the unembedding
+                values.update(zip(part, run.scores(lambda j: unembed(model, new[j]), c, rows, metric)))  # noqa: B023
+                continue
+            if local:                           # one changed row: its key and value reach the later rows
+                new = block_rows(model, run, layer + 1, rows, p0, x_new=new[:, :, 0])
+                after = layer + 2
+        for later in range(after, last + 1):    # every row from p0 on changed
+            new = tail_rows(model, run, later, p0, new)
+        # Each variant's logits are made as its metric is read: a chunk's logits at once would
+        # be the largest tensor here, and written, copied and read out of cache.
+        values.update(zip(part, run.scores(lambda j: unembed(model, new[j]), c, p0, metric)))  # noqa: B023
+    return values
+
+
+def _row_edit(activation: str, clean: Tensor, dims: Sequence[int], query: int, part: list[tuple[int, ...]],
+              rows: Tensor) -> RowEdit:
+    """Each variant's patch as a :class:`~qkov.corrupted.RowEdit`: the clean activation at its
+    row (``[c, B, *row]``), where its other grid indices (a head, a source position) point."""
+    at = dims[query]                                                            # the position's dim in clean
+    value = clean.index_select(at, rows).movedim(at, 0)                         # [c, B, *row]
+    mask = torch.zeros(len(part), *value.shape[2:], dtype=torch.bool, device=clean.device)
+    for j, ix in enumerate(part):
+        where: list = [j] + [slice(None)] * (mask.ndim - 1)
+        for axis, d in enumerate(dims):
+            if axis != query:
+                where[d - (1 if d > at else 0)] = ix[axis]   # clean's dim d, in [c, *row] (no B, no position)
+        mask[tuple(where)] = True
+    return RowEdit(activation, mask, value)
 
 
 # ------------------------------------------------------------- TransformerLens's functions
