@@ -182,16 +182,17 @@ def block_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int | 
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
     if q_row is not None:
         q_row = q_row.permute(1, 2, 0, 3)                                       # [B, h, c, e]
+    later = torch.arange(P, device=idx.device) > idx[..., None]                 # [c, n, P]: the causal mask
     if start is None:   # each variant's own row: one matmul per (example, head) against the corrupted keys
         q = q.reshape(B, h, c, e) if q_row is None else q_row                   # [B, h, c, e]
-        scores = (q @ Kh.transpose(-1, -2)).view(B, h, c, 1, P) * attn.scale
-    else:               # rows start..: the corrupted run's scores but in the changed row
+        scores = ((q @ Kh.transpose(-1, -2)).view(B, h, c, 1, P) * attn.scale).masked_fill_(later, attn.IGNORE)
+    else:               # rows start..: the corrupted run's scores (masked already) but in the changed row
         scores = run.attn_scores[layer][:, :, None, start:].expand(-1, -1, c, -1, -1)   # [B, h, c, n, P]
         if q_row is not None:
-            row = (q_row @ Kh.transpose(-1, -2)) * attn.scale                   # [B, h, c, P]
+            row = ((q_row @ Kh.transpose(-1, -2)) * attn.scale).masked_fill_(later[at].view(c, P), attn.IGNORE)
             scores = torch.where(at[None, None, :, :, None], row[:, :, :, None], scores)
     col = changed.view(1, 1, c, 1, 1).expand(B, h, c, n, 1)
-    if key_changed:     # the changed key's column
+    if key_changed:     # the changed key's column (masked in the rows before it)
         k_cols = k_new.permute(1, 2, 3, 0)                                      # [B, h, e, c]
         if start is None:
             own = (q * k_cols.transpose(-1, -2)).sum(-1)[..., None]             # [B, h, c, 1]
@@ -200,10 +201,10 @@ def block_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int | 
             if q_row is not None:
                 mine = (q_row * k_cols.transpose(-1, -2)).sum(-1)               # [B, h, c]
                 own = torch.where(at[None, None], mine[..., None], own)
-        own = own * attn.scale
-        scores = scores.scatter(-1, col, own[..., None])
-    later = torch.arange(P, device=idx.device) > idx[..., None]                 # [c, n, P]: the causal mask
-    pattern = scores.masked_fill(later, attn.IGNORE).softmax(-1)                # [B, h, c, n, P]
+        own = (own * attn.scale).masked_fill_(idx < changed[:, None], attn.IGNORE)
+        fresh = start is None or q_row is not None                             # else a view of the cached scores
+        scores = (scores if fresh else scores.clone()).scatter_(-1, col, own[..., None])
+    pattern = scores.softmax(-1)                                                # [B, h, c, n, P]
     if edit is not None and edit.name == "pattern":
         pattern = edit("pattern", pattern.permute(2, 0, 3, 1, 4), at).permute(1, 3, 0, 2, 4)
     z = (pattern.reshape(B, h, c * n, P) @ Vh).view(B, h, c, n, e)
