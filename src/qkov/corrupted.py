@@ -98,23 +98,27 @@ class Corrupted:
         tail = tail.view(c, self.logits.shape[0], *tail.shape[1:])               # [c, B, P - p0, V]
         return self.scores(lambda j: tail[j], c, p0, metric)
 
-    def scores(self, logits_of: Callable[[int], Tensor], c: int, rows: int | Tensor, metric: Metric) -> list[float]:
+    def scores(self, logits_of: Callable[[int], Tensor], c: int, rows: int | Tensor, metric: Metric,
+               starts: Sequence[int] | None = None) -> list[float]:
         """``metric`` of each variant ``j < c`` whose logits are the corrupted run's but at
         positions ``rows..`` (an int) or at position ``rows[j]`` alone (a tensor ``[c]``), where
-        they are ``logits_of(j) [B, n, V]``."""
+        they are ``logits_of(j) [B, n, V]``. With ``starts`` (ascending, at least ``rows``),
+        variant ``j``'s logits differ from position ``starts[j]`` on only, and ``logits_of(j)``
+        gives those."""
         # One [B, P, V] buffer holds each variant's logits in turn: only its own rows are
-        # written, and its metric is read (as a float) before the next variant's.
+        # written, and its metric is read (as a float) before the next variant's. With starts,
+        # the variants go from the last start down: each writes over every row its successor wrote.
         if self.buffer is None:
             self.buffer = self.logits.clone()
-        buffer, out = self.buffer, []
-        for j in range(c):
+        buffer, out = self.buffer, [0.0] * c
+        for j in (range(c - 1, -1, -1) if starts is not None else range(c)):
             if isinstance(rows, int):
-                buffer[:, rows:] = logits_of(j)
-                out.append(check_metric_value(metric(buffer)))
+                buffer[:, rows if starts is None else starts[j]:] = logits_of(j)
+                out[j] = check_metric_value(metric(buffer))
             else:
                 p = int(rows[j])
                 buffer[:, p] = logits_of(j)[:, 0]
-                out.append(check_metric_value(metric(buffer)))
+                out[j] = check_metric_value(metric(buffer))
                 buffer[:, p] = self.logits[:, p]
         if isinstance(rows, int):
             buffer[:, rows:] = self.logits[:, rows:]

@@ -213,7 +213,9 @@ def _run_rows(model, run: Corrupted, layer: int, activation: str, clean: Tensor,
             new = tail_rows(model, run, later, p0, new)
         # Each variant's logits are made as its metric is read: a chunk's logits at once would
         # be the largest tensor here, and written, copied and read out of cache.
-        values.update(zip(part, run.scores(lambda j: unembed(model, new[j]), c, p0, metric)))  # noqa: B023
+        starts = rows.tolist()                  # (ascending) variant j's rows before starts[j] are the corrupted ones
+        values.update(zip(part, run.scores(lambda j: unembed(model, new[j, :, starts[j] - p0:]),  # noqa: B023
+                                           c, p0, metric, starts)))
     return values
 
 
