@@ -135,6 +135,16 @@ def test_a_data_set_is_sized_before_it_is_built():
     assert dataset_bytes(qkov.get_task("max")) == 0          # a sampled task holds no set
 
 
+@pytest.mark.parametrize("name, params", [("add", {}), ("add", {"max_sum": 10}), ("fib", {}),
+                                          ("fib", {"max_value": 50, "length": 3}), ("fib", {"length": 7})])
+def test_add_and_fib_count_their_examples_without_building_them(name, params):
+    task = qkov.get_task(name, **params)
+    count = task.n_examples()
+    assert count == len(task.dataset("all"))
+    huge = qkov.get_task(name, **{**params, ("max_sum" if name == "add" else "max_value"): 10**7})
+    assert huge.n_examples() > 10**9 if name == "add" else huge.n_examples() > 10**7   # counted, not built
+
+
 @pytest.fixture
 def small_machine(monkeypatch):
     """A machine with 1 GB available (``qkov.memory`` reads it); nothing here can allocate more."""

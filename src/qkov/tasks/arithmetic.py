@@ -142,6 +142,9 @@ class AddTask(FiniteTask):
     def scored_positions(self) -> list[int]:
         return [1]
 
+    def n_examples(self) -> int:
+        return (self.max_sum + 1) * (self.max_sum + 2) // 2          # pairs with a + b <= max_sum
+
     def _all(self) -> Batch:
         a, b = torch.meshgrid(torch.arange(self.max_sum + 1), torch.arange(self.max_sum + 1), indexing="ij")
         keep = (a + b) <= self.max_sum
@@ -207,6 +210,15 @@ class FibTask(FiniteTask):
     @property
     def scored_positions(self) -> list[int]:
         return list(range(1, self.length - 1))
+
+    def n_examples(self) -> int:
+        """Pairs ``(x1, x2)`` whose last term ``F(L-2) x1 + F(L-1) x2`` is at most ``max_value``
+        (the terms grow, so the last is the largest), counted over ``x1`` without building them."""
+        a, b = 0, 1                          # x_k = a x1 + b x2, for k = 2 (then stepped to k = length)
+        for _ in range(self.length - 2):
+            a, b = b, a + b
+        m = self.max_value
+        return sum((m - a * x1) // b + 1 for x1 in range(m // a + 1)) if a else (m // b + 1) * (m + 1)
 
     def _all(self) -> Batch:
         seqs = []
