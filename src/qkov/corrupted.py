@@ -65,6 +65,8 @@ class Corrupted:
     v: list[Tensor]
     attn_scores: list[Tensor]           # [B, h, P, P], scaled and masked
     buffer: Tensor | None = None        # the logits each variant's metric reads (see scores)
+    # [B, P], True at real tokens, for a model with cfg.pad_token (None otherwise)
+    attention_mask: Tensor | None = None
     _heads: dict = field(default_factory=dict)
 
     def heads(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -79,7 +81,15 @@ class Corrupted:
         own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores")
         want = [f"blocks.{l}.{n}" for l in L for n in own]
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
-        return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own)), cache
+        mask = None if model.cfg.pad_token is None else tokens != model.cfg.pad_token
+        return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own), attention_mask=mask), cache
+
+    @staticmethod
+    def rows_continue(model) -> bool:
+        """Whether a change at one position leaves the earlier ones as they were (a causal model
+        without padding): what every continuation from a position ``p0 > 0`` and
+        :func:`block_rows` rely on. Otherwise variants run every position."""
+        return model.cfg.causal and model.cfg.pad_token is None
 
     def prefix(self, layer: int, p0: int) -> list | None:
         """``prefix_kv`` for a continuation from ``layer`` and position ``p0``: the corrupted
@@ -93,8 +103,12 @@ class Corrupted:
         ``fwd_hooks`` (on ``[c * B, ...]``, copy ``j`` in rows ``j*B..``), which may change
         positions ``p0..`` only: earlier positions keep the corrupted run's keys, values and
         logits (the model is causal) and are not run again."""
+        if p0 and not self.rows_continue(model):
+            raise QkovError("a continuation from a later position needs a causal model without padding")
         inputs = self.resid[layer][:, p0:].repeat(c, 1, 1)                         # [c*B, P - p0, d]
-        tail = model.run_with_hooks(inputs, fwd_hooks=fwd_hooks, start_at_layer=layer, prefix_kv=self.prefix(layer, p0))
+        mask = None if self.attention_mask is None else self.attention_mask.repeat(c, 1)
+        tail = model.run_with_hooks(inputs, fwd_hooks=fwd_hooks, start_at_layer=layer, prefix_kv=self.prefix(layer, p0),
+                                    attention_mask=mask)
         tail = tail.view(c, self.logits.shape[0], *tail.shape[1:])               # [c, B, P - p0, V]
         return self.scores(lambda j: tail[j], c, p0, metric)
 

@@ -111,7 +111,7 @@ def patch_inputs(model, run: Corrupted, node: Node, deltas: Sequence[Tensor], me
     budget = max(1, CHUNK_ELEMENTS // (B * row_width(model)))
     i = 0
     while i < len(order):
-        p0 = min(first[order[i]], P - 1)
+        p0 = min(first[order[i]], P - 1) if Corrupted.rows_continue(model) else 0
         c = max(1, min(len(order) - i, budget // max(1, P - p0)))
         part = order[i : i + c]
         stack = torch.stack([deltas[j][:, p0:] for j in part])                  # [c, B, P - p0, d]

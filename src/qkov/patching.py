@@ -110,7 +110,7 @@ def patch_grid(model, corrupted_tokens: Tensor, clean_cache: Mapping[str, Tensor
             changes = _changes(clean, corrupt[name], dims)
             live = [ix for ix in grid if changes[ix]]
             values = dict.fromkeys(grid, base)
-            if query is None:
+            if query is None or not Corrupted.rows_continue(model):   # every position, the model's forward
                 values.update(_run_variants(model, run, layer, name, clean, dims, live, patching_metric))
             else:
                 values.update(_run_rows(model, run, layer, activation, clean, dims, query, live, patching_metric))
