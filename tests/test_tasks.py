@@ -101,3 +101,19 @@ def test_histogram_reference_run_counts_99_percent_of_positions(trained):
     run = trained("histogram")
     assert run.final["accuracy"] >= 0.99
     assert qkov.show(run.model, run.task, "3 5 3 7")[0].output == "2 1 2 1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sort", "reverse", "histogram"])
+def test_list_findings_name_a_head_that_attends_where_the_answer_is(trained, name):
+    """The finding is true of the reference run: its head puts most of its attention, from the
+    scored positions, on the input tokens the answer is read from (sort, reverse: the token
+    written next; histogram: the tokens equal to its own), well above what it would put there
+    if it spread its attention evenly."""
+    run = trained(name)
+    summary = qkov.analyze(run.model, run.task, checks=False)
+    finding = {f.id: f for f in summary.findings}["next_token_head"]
+    even = summary.attention["even_on_next"]
+    assert 0 < even < 0.5 and finding.value >= 2.5 * even, finding.text   # histogram: 0.322 vs 0.105
+    if name != "histogram":                   # one token to find: most of the head's weight is on it
+        assert finding.value >= 0.5, finding.text

@@ -140,7 +140,9 @@ class ListToListTask(Task):
     @torch.no_grad()
     def facts(self, model) -> dict[str, Any]:
         """For each head, the mean attention weight that output positions put on the input
-        tokens equal to the token they write next (``weight_on_next``), and the best head."""
+        tokens equal to the token they write next (``weight_on_next``), the best head, and what
+        that weight would be if a head spread its attention evenly over the keys a position can
+        read (``even_on_next``: the chance level to beat)."""
         batch = self.eval_batch()[:512].to(next(model.parameters()).device)
         names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
         _, cache = model.run_with_cache(batch.tokens, names_filter=names)
@@ -153,7 +155,9 @@ class ListToListTask(Task):
             for h in range(model.cfg.n_heads):
                 weights[f"{l}.{h}"] = round(float(on[:, h][batch.scored].mean()), 4)
         best = max(weights, key=weights.get)
-        return {"weight_on_next": weights, "next_token_head": best}
+        readable = torch.arange(1, batch.tokens.shape[1] + 1, device=n.device)[None, :]   # keys 0..q: q + 1
+        even = float((hit.sum(-1) / readable)[batch.scored].mean())
+        return {"weight_on_next": weights, "next_token_head": best, "even_on_next": round(even, 4)}
 
     def _looked_for(self, batch: Batch) -> Tensor:
         """The input token each position should find ``[b, q]``: the one it writes next."""
@@ -168,9 +172,11 @@ class ListToListTask(Task):
         exact = (summary.get("eval") or {}).get("exact")
         whole = [] if exact is None else [{"id": "exact", "value": exact,
                                            "text": f"Whole lists right: {100 * exact:.2f}% (every output token)."}]
+        even = a.get("even_on_next")
+        chance = "" if even is None else f"; {even:.3f} if it attended evenly to the keys it can read"
         return whole + [{"id": "next_token_head", "value": w,
                  "text": f"Head {head} attends from each output position to {self.what_next} "
-                         f"(mean weight {w:.3f})."}]
+                         f"(mean weight {w:.3f}{chance})."}]
 
     # -- text ---------------------------------------------------------------------------
     @property
