@@ -67,6 +67,11 @@ class Corrupted:
     buffer: Tensor | None = None        # the logits each variant's metric reads (see scores)
     # [B, P], True at real tokens, for a model with cfg.pad_token (None otherwise)
     attention_mask: Tensor | None = None
+    # each layer's pattern [B, h, P, P], heads' outputs z [B, P, h, e] and residual stream after
+    # the attention [B, P, d] (hook_resid_mid, or hook_resid_post in an attention-only model)
+    pattern: list[Tensor] | None = None
+    z: list[Tensor] | None = None
+    after_attn: list[Tensor] | None = None
     _heads: dict = field(default_factory=dict)
 
     def heads(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -75,14 +80,34 @@ class Corrupted:
             self._heads[layer] = tuple(T[layer].transpose(1, 2).contiguous() for T in (self.k, self.v))
         return self._heads[layer]
 
+    def heads_q(self, layer: int) -> Tensor:
+        """The layer's queries head-major, ``[B, h, P, e]``."""
+        if ("q", layer) not in self._heads:
+            self._heads[("q", layer)] = self.q[layer].transpose(1, 2).contiguous()
+        return self._heads[("q", layer)]
+
+    def attention(self, model, layer: int) -> tuple[Tensor, Tensor]:
+        """Each row's log-sum-exp of the layer's scores ``[B, h, P]``, and ``[B, P, h + 1, d]``:
+        each head's output through ``W_O`` and the residual stream after the attention."""
+        if ("attention", layer) not in self._heads:
+            ZO = torch.einsum("bphe,hed->bphd", self.z[layer], model.blocks[layer].attn.W_O)
+            self._heads[("attention", layer)] = (self.attn_scores[layer].logsumexp(-1),
+                                                 torch.cat([ZO, self.after_attn[layer][:, :, None]], 2))
+        return self._heads[("attention", layer)]
+
     @classmethod
     def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
         L = range(model.cfg.n_layers)
         own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores")
         want = [f"blocks.{l}.{n}" for l in L for n in own]
+        after = "hook_resid_mid" if model.cfg.d_mlp is not None else "hook_resid_post"
+        more = ("attn.hook_pattern", "attn.hook_z", after)
+        want += [f"blocks.{l}.{n}" for l in L for n in more]
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
         mask = None if model.cfg.pad_token is None else tokens != model.cfg.pad_token
-        return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own), attention_mask=mask), cache
+        pattern, z, after = ([cache[f"blocks.{l}.{n}"] for l in L] for n in more)
+        return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own), attention_mask=mask,
+                   pattern=pattern, z=z, after_attn=after), cache
 
     @staticmethod
     def rows_continue(model) -> bool:
@@ -169,6 +194,8 @@ def block_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int | 
     ``edit`` names patched: at that row alone (``[c, B, 1, d]``) or, with ``start``, at rows
     ``start..P-1`` (``[c, B, P - start, d]``; rows before ``changed[j]`` come out as the corrupted
     run's)."""
+    if start is not None and x_new is not None and edit is None:
+        return _resid_rows(model, run, layer, changed, start, x_new)
     cfg, block = model.cfg, model.blocks[layer]
     attn = block.attn
     X, Q, K, V = run.resid[layer], run.q[layer], run.k[layer], run.v[layer]      # [B, P, d], [B, P, h, e]
@@ -246,6 +273,69 @@ def block_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int | 
     return resid
 
 
+def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, x_new: Tensor) -> Tensor:
+    """:func:`block_rows` at rows ``start..`` when variant ``j``'s residual stream at row ``p = changed[j]``
+    is ``x_new[j]``: its query, key and value change. Row ``p`` is computed afresh. A later row ``r``
+    keeps its query and attends as in the corrupted run but to one changed key and value, so each
+    head's output there is the corrupted ``z`` changed in that one term: with ``a`` the corrupted
+    attention of ``r`` to ``p`` and ``a w`` the new one, ``z' - z = α v'_p - β v_p - (α - β) z``
+    (``α = a w / d``, ``β = a / d``, ``d = 1 - a + a w``), and the residual stream after the
+    attention is the corrupted one plus that through ``W_O``: two small matmuls write the whole
+    chunk. Where ``a > 1/2`` (``1 - a`` would lose digits) or ``a w`` is huge, that head's row is
+    computed again in full."""
+    cfg, block = model.cfg, model.blocks[layer]
+    attn = block.attn
+    X = run.resid[layer]                                                        # [B, P, d]
+    (B, P, d), h, c = X.shape, cfg.n_heads, len(changed)
+    n, dev = P - start, changed.device
+    valid = torch.arange(start, P, device=dev) > changed[:, None]               # [c, n]: rows that see row p
+    x_new = x_new.to(X.dtype)
+    ln = block.ln1(x_new) if cfg.normalization == "LN" else x_new               # [c, B, d]
+    q_row, k_new, v_new = _qkv(attn, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).unbind(0)   # [B, h, c, e]
+    Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
+    S, A, Z = run.attn_scores[layer], run.pattern[layer], run.z[layer]          # [B, h, P, P], .., [B, P, h, e]
+    lse, basis = run.attention(model, layer)
+    # Later rows: the corrupted queries against each variant's new key at its row p
+    s_new = (run.heads_q(layer)[:, :, start:] @ k_new.transpose(-1, -2)).transpose(-1, -2) * attn.scale  # [B, h, c, n]
+    a = A[:, :, start:].index_select(-1, changed).transpose(-1, -2)             # [B, h, c, n]
+    aw = torch.exp(s_new - lse[:, :, None, start:]).where(valid, 0.0)
+    full = valid & ((a > 0.5) | (aw > 2.0 ** 60))                               # rows to compute in full
+    den = (1 - a).add_(aw)
+    alpha, beta = (aw / den).masked_fill_(full, 0.0), (a / den).masked_fill_(full, 0.0)
+    ones = torch.ones(B, 1, c, n, dtype=X.dtype, device=dev)
+    at = (torch.arange(c, device=dev), changed - start)                         # the changed row of each variant
+    ones[:, :, at[0], at[1]] = 0.0
+    W_O = attn.W_O                                                              # [h, e, d]
+    v_old = Vh.index_select(2, changed)                                         # [B, h, c, e]
+    vo = torch.einsum("bhce,hed->cbhd", torch.cat([v_new, v_old], 2), W_O)     # [2c, B, h, d]: new, old
+    first = torch.cat([alpha, -beta], 1).permute(2, 0, 3, 1)                    # [c, B, n, 2h]
+    out = first @ torch.cat([vo[:c], vo[c:]], 2)                                # [c, B, n, d]
+    second = torch.cat([beta - alpha, ones], 1).permute(0, 3, 2, 1)            # [B, n, c, h + 1]
+    out += (second @ basis[:, start:]).permute(2, 0, 1, 3)                      # + the corrupted stream
+    dv = v_new - v_old
+    redo = full.nonzero().unbind(1)
+    if redo[0].numel():
+        b_, h_, j_, i_ = redo
+        p_ = changed[j_]
+        srow = S[b_, h_, start + i_].clone()                                    # [N, P]
+        srow[torch.arange(len(p_), device=dev), p_] = s_new[redo]
+        prow = srow.softmax(-1)
+        zr = (prow[:, None] @ Vh[b_, h_]).squeeze(1) + prow.gather(1, p_[:, None]) * dv[b_, h_, j_]
+        out.index_put_((j_, b_, i_), ((zr - Z[b_, start + i_, h_])[:, None] @ W_O[h_]).squeeze(1), accumulate=True)
+    # The changed row: its own query against the corrupted keys and its own key
+    s_row = q_row @ Kh.transpose(-1, -2)                                        # [B, h, c, P] (q_row scaled)
+    mine = (q_row * k_new).sum(-1)                                              # [B, h, c]
+    col = changed.view(1, 1, c, 1).expand(B, h, c, 1)
+    later = torch.arange(P, device=dev) > changed[:, None]                      # [c, P]
+    s_row = s_row.scatter_(-1, col, mine[..., None]).masked_fill_(later, attn.IGNORE)
+    p_row = s_row.softmax(-1)
+    z_row = p_row @ Vh + p_row.gather(-1, col) * dv                             # [B, h, c, e]
+    out[at[0], :, at[1]] = x_new + _affine(z_row.permute(2, 0, 1, 3).reshape(c, B, -1), W_O.reshape(-1, d), attn.b_O)
+    if cfg.d_mlp is not None:
+        out = out + block.mlp(block.ln2(out) if cfg.normalization == "LN" else out, None)
+    return out
+
+
 def tail_rows(model, run: Corrupted, layer: int, start: int, x: Tensor) -> Tensor:
     """The residual stream after ``layer`` at rows ``start..P-1`` of each variant, ``[c, B, n,
     d]``, from the residual stream before it at those rows, ``x [c, B, n, d]``, every row changed;
@@ -256,12 +346,11 @@ def tail_rows(model, run: Corrupted, layer: int, start: int, x: Tensor) -> Tenso
     Kh, Vh = (T[:, :, :start] for T in run.heads(layer))                      # [B, h, start, e]
     (c, B, n, _), (h, e) = x.shape, Kh.shape[1::2]
     ln = block.ln1(x) if cfg.normalization == "LN" else x
-    q, k, v = (_affine(ln, heads_matrix(W), b.flatten()).view(c, B, n, h, e).permute(1, 3, 0, 2, 4)
-               for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V)))   # [B, h, c, n, e]
+    q, k, v = _qkv(attn, ln).view(c, B, n, 3, h, e).permute(3, 1, 4, 0, 2, 5).unbind(0)   # [B, h, c, n, e], q scaled
     earlier = (q.reshape(B, h, c * n, e) @ Kh.transpose(-1, -2)).view(B, h, c, n, start)
     own = q @ k.transpose(-1, -2)                                               # [B, h, c, n, n]
     later = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)         # the causal mask
-    scores = torch.cat([earlier, own.masked_fill_(later, attn.IGNORE)], -1) * attn.scale
+    scores = torch.cat([earlier, own.masked_fill_(later, attn.IGNORE)], -1)
     pattern = scores.softmax(-1)                                                # [B, h, c, n, start + n]
     z = (pattern[..., :start].reshape(B, h, c * n, start) @ Vh).view(B, h, c, n, e)
     z = (z + pattern[..., start:] @ v).permute(2, 0, 3, 1, 4)                  # [c, B, n, h, e]
@@ -277,6 +366,14 @@ def unembed(model, resid: Tensor) -> Tensor:
     if model.cfg.normalization == "LN":
         resid = model.ln_final(resid)
     return _affine(resid, model.unembed.W_U, model.unembed.b_U)
+
+
+def _qkv(attn, x: Tensor) -> Tensor:
+    """The queries (times the attention's scale), keys and values of ``x [..., d]`` in one matmul:
+    ``[..., 3 h e]``, ``q``, ``k``, ``v`` side by side, each head-major."""
+    W = torch.cat([heads_matrix(attn.W_Q) * attn.scale, heads_matrix(attn.W_K), heads_matrix(attn.W_V)], 1)
+    b = torch.cat([attn.b_Q.flatten() * attn.scale, attn.b_K.flatten(), attn.b_V.flatten()])
+    return _affine(x, W, b)
 
 
 def _affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:

@@ -114,8 +114,7 @@ def patch_grid(model, corrupted_tokens: Tensor, clean_cache: Mapping[str, Tensor
                 values.update(_run_variants(model, run, layer, name, clean, dims, live, patching_metric))
             else:
                 values.update(_run_rows(model, run, layer, activation, clean, dims, query, live, patching_metric))
-            for ix, v in values.items():
-                out[(layer, *ix)] = v
+            out[layer] = torch.tensor([values[ix] for ix in grid], dtype=out.dtype).view(out.shape[1:])
     return out
 
 
@@ -193,30 +192,52 @@ def _run_rows(model, run: Corrupted, layer: int, activation: str, clean: Tensor,
     local = activation in ROW_LOCAL
     budget = max(1, CHUNK_ELEMENTS // (B * max(row_width(model), model.cfg.n_heads * P)))
     values: dict[tuple[int, ...], float] = {}
+    if activation == "resid_pre":
+        # The residual stream's rows through its own layer hold no [pos, pos] scores and no logits:
+        # [d_model] wide, so the layer runs in few large chunks (every variant's rows from the
+        # chunk's first start), and the layers after in chunks of the usual size.
+        cfg = model.cfg
+        narrow = max(1, CHUNK_ELEMENTS // (B * max(cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.d_mlp or 0))
+                     // (P - min((ix[query] for ix in indices), default=0)))
+        for group in _chunks(indices, query, P, narrow, tail=False):
+            rows = torch.tensor([ix[query] for ix in group], device=clean.device)
+            g0 = group[0][query]
+            first = block_rows(model, run, layer, rows, g0, x_new=clean[:, rows].transpose(0, 1))
+            done = 0
+            for part in (_chunks(group, query, P, budget) if layer < last else [group]):
+                p0 = part[0][query]
+                new = first[done:done + len(part), :, p0 - g0:]
+                values.update(_finish(model, run, layer + 1, part, [ix[query] for ix in part], new, metric))
+                done += len(part)
+        return values
     for part in _chunks(indices, query, P, budget, tail=not (local and layer == last)):
         rows = torch.tensor([ix[query] for ix in part], device=clean.device)   # [c]
         c, p0 = len(part), int(rows.min())
-        if activation == "resid_pre":
-            new = block_rows(model, run, layer, rows, p0, x_new=clean[:, rows].transpose(0, 1))
-            after = layer + 1
-        else:
-            new = block_rows(model, run, layer, rows, None if local else p0,
-                             edit=_row_edit(activation, clean, dims, query, part, rows))
-            after = layer + 1
-            if local and layer == last:         # one changed row, and nothing after it but the unembedding
-                values.update(zip(part, run.scores(lambda j: unembed(model, new[j]), c, rows, metric)))  # noqa: B023
-                continue
-            if local:                           # one changed row: its key and value reach the later rows
-                new = block_rows(model, run, layer + 1, rows, p0, x_new=new[:, :, 0])
-                after = layer + 2
-        for later in range(after, last + 1):    # every row from p0 on changed
-            new = tail_rows(model, run, later, p0, new)
-        # Each variant's logits are made as its metric is read: a chunk's logits at once would
-        # be the largest tensor here, and written, copied and read out of cache.
-        starts = rows.tolist()                  # (ascending) variant j's rows before starts[j] are the corrupted ones
-        values.update(zip(part, run.scores(lambda j: unembed(model, new[j, :, starts[j] - p0:]),  # noqa: B023
-                                           c, p0, metric, starts)))
+        new = block_rows(model, run, layer, rows, None if local else p0,
+                         edit=_row_edit(activation, clean, dims, query, part, rows))
+        after = layer + 1
+        if local and layer == last:             # one changed row, and nothing after it but the unembedding
+            values.update(zip(part, run.scores(lambda j: unembed(model, new[j]), c, rows, metric)))  # noqa: B023
+            continue
+        if local:                               # one changed row: its key and value reach the later rows
+            new = block_rows(model, run, layer + 1, rows, p0, x_new=new[:, :, 0])
+            after = layer + 2
+        values.update(_finish(model, run, after, part, rows.tolist(), new, metric))
     return values
+
+
+def _finish(model, run: Corrupted, after: int, part: list[tuple[int, ...]], starts: list[int], new: Tensor,
+            metric: Metric) -> dict[tuple[int, ...], float]:
+    """The metric of each variant in ``part`` from its residual stream before layer ``after`` at rows
+    ``starts[0]..`` (``new [c, B, n, d]``; ``starts`` ascending, variant ``j``'s rows before
+    ``starts[j]`` the corrupted ones): every row from ``starts[0]`` on runs the layers left."""
+    p0 = starts[0]
+    for later in range(after, model.cfg.n_layers):
+        new = tail_rows(model, run, later, p0, new)
+    # Each variant's logits are made as its metric is read: a chunk's logits at once would
+    # be the largest tensor here, and written, copied and read out of cache.
+    return dict(zip(part, run.scores(lambda j: unembed(model, new[j, :, starts[j] - p0:]), len(part), p0, metric,
+                                     starts)))
 
 
 def _row_edit(activation: str, clean: Tensor, dims: Sequence[int], query: int, part: list[tuple[int, ...]],
