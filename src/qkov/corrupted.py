@@ -321,7 +321,9 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
         srow[torch.arange(len(p_), device=dev), p_] = s_new[redo]
         prow = srow.softmax(-1)
         zr = (prow[:, None] @ Vh[b_, h_]).squeeze(1) + prow.gather(1, p_[:, None]) * dv[b_, h_, j_]
-        out.index_put_((j_, b_, i_), ((zr - Z[b_, start + i_, h_])[:, None] @ W_O[h_]).squeeze(1), accumulate=True)
+        dz = zr.new_zeros(len(p_), h, zr.shape[-1])                             # [N, h, e]: the one head's change
+        dz[torch.arange(len(p_), device=dev), h_] = zr - Z[b_, start + i_, h_]
+        out.index_put_((j_, b_, i_), dz.view(len(p_), -1) @ W_O.reshape(-1, d), accumulate=True)
     # The changed row: its own query against the corrupted keys and its own key
     s_row = q_row @ Kh.transpose(-1, -2)                                        # [B, h, c, P] (q_row scaled)
     mine = (q_row * k_new).sum(-1)                                              # [B, h, c]
