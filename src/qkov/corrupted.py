@@ -67,11 +67,6 @@ class Corrupted:
     buffer: Tensor | None = None        # the logits each variant's metric reads (see scores)
     # [B, P], True at real tokens, for a model with cfg.pad_token (None otherwise)
     attention_mask: Tensor | None = None
-    # each layer's pattern [B, h, P, P], heads' outputs z [B, P, h, e] and residual stream after
-    # the attention [B, P, d] (hook_resid_mid, or hook_resid_post in an attention-only model)
-    pattern: list[Tensor] | None = None
-    z: list[Tensor] | None = None
-    after_attn: list[Tensor] | None = None
     _heads: dict = field(default_factory=dict)
 
     def heads(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -86,13 +81,20 @@ class Corrupted:
             self._heads[("q", layer)] = self.q[layer].transpose(1, 2).contiguous()
         return self._heads[("q", layer)]
 
-    def attention(self, model, layer: int) -> tuple[Tensor, Tensor]:
-        """Each row's log-sum-exp of the layer's scores ``[B, h, P]``, and ``[B, P, h + 1, d]``:
-        each head's output through ``W_O`` and the residual stream after the attention."""
+    def attention(self, model, layer: int) -> tuple[Tensor, ...]:
+        """The layer's pattern ``[B, h, P, P]``, heads' outputs ``z [B, h, P, e]``, each row's
+        log-sum-exp of its scores ``[B, h, P]``, and ``[B, P, h + 1, d]``: each head's output
+        through ``W_O`` and the residual stream after the attention. Made when first asked for."""
         if ("attention", layer) not in self._heads:
-            ZO = torch.einsum("bphe,hed->bphd", self.z[layer], model.blocks[layer].attn.W_O)
-            self._heads[("attention", layer)] = (self.attn_scores[layer].logsumexp(-1),
-                                                 torch.cat([ZO, self.after_attn[layer][:, :, None]], 2))
+            attn, S = model.blocks[layer].attn, self.attn_scores[layer]
+            A = S.softmax(-1)
+            Z = A @ self.heads(layer)[1]
+            ZO = torch.einsum("bhpe,hed->bphd", Z, attn.W_O)
+            if model.cfg.d_mlp is None and layer + 1 < len(self.resid):
+                after = self.resid[layer + 1]
+            else:
+                after = self.resid[layer] + ZO.sum(2) + attn.b_O
+            self._heads[("attention", layer)] = (A, Z, S.logsumexp(-1), torch.cat([ZO, after[:, :, None]], 2))
         return self._heads[("attention", layer)]
 
     @classmethod
@@ -100,14 +102,9 @@ class Corrupted:
         L = range(model.cfg.n_layers)
         own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores")
         want = [f"blocks.{l}.{n}" for l in L for n in own]
-        after = "hook_resid_mid" if model.cfg.d_mlp is not None else "hook_resid_post"
-        more = ("attn.hook_pattern", "attn.hook_z", after)
-        want += [f"blocks.{l}.{n}" for l in L for n in more]
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
         mask = None if model.cfg.pad_token is None else tokens != model.cfg.pad_token
-        pattern, z, after = ([cache[f"blocks.{l}.{n}"] for l in L] for n in more)
-        return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own), attention_mask=mask,
-                   pattern=pattern, z=z, after_attn=after), cache
+        return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own), attention_mask=mask), cache
 
     @staticmethod
     def rows_continue(model) -> bool:
@@ -293,8 +290,8 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     ln = block.ln1(x_new) if cfg.normalization == "LN" else x_new               # [c, B, d]
     q_row, k_new, v_new = _qkv(attn, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).unbind(0)   # [B, h, c, e]
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
-    S, A, Z = run.attn_scores[layer], run.pattern[layer], run.z[layer]          # [B, h, P, P], .., [B, P, h, e]
-    lse, basis = run.attention(model, layer)
+    S = run.attn_scores[layer]                                                  # [B, h, P, P]
+    A, Z, lse, basis = run.attention(model, layer)                             # .., [B, h, P, e], [B, h, P], ..
     # Later rows: the corrupted queries against each variant's new key at its row p
     s_new = (run.heads_q(layer)[:, :, start:] @ k_new.transpose(-1, -2)).transpose(-1, -2) * attn.scale  # [B, h, c, n]
     a = A[:, :, start:].index_select(-1, changed).transpose(-1, -2)             # [B, h, c, n]
@@ -322,7 +319,7 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
         prow = srow.softmax(-1)
         zr = (prow[:, None] @ Vh[b_, h_]).squeeze(1) + prow.gather(1, p_[:, None]) * dv[b_, h_, j_]
         dz = zr.new_zeros(len(p_), h, zr.shape[-1])                             # [N, h, e]: the one head's change
-        dz[torch.arange(len(p_), device=dev), h_] = zr - Z[b_, start + i_, h_]
+        dz[torch.arange(len(p_), device=dev), h_] = zr - Z[b_, h_, start + i_]
         out.index_put_((j_, b_, i_), dz.view(len(p_), -1) @ W_O.reshape(-1, d), accumulate=True)
     # The changed row: its own query against the corrupted keys and its own key
     s_row = q_row @ Kh.transpose(-1, -2)                                        # [B, h, c, P] (q_row scaled)
