@@ -75,27 +75,22 @@ class Corrupted:
             self._heads[layer] = tuple(T[layer].transpose(1, 2).contiguous() for T in (self.k, self.v))
         return self._heads[layer]
 
-    def heads_q(self, layer: int) -> Tensor:
-        """The layer's queries head-major, ``[B, h, P, e]``."""
-        if ("q", layer) not in self._heads:
-            self._heads[("q", layer)] = self.q[layer].transpose(1, 2).contiguous()
-        return self._heads[("q", layer)]
-
-    def attention(self, model, layer: int) -> tuple[Tensor, ...]:
-        """The layer's pattern ``[B, h, P, P]``, heads' outputs ``z [B, h, P, e]``, each row's
-        log-sum-exp of its scores ``[B, h, P]``, and ``[B, P, h + 1, d]``: each head's output
-        through ``W_O`` and the residual stream after the attention. Made when first asked for."""
-        if ("attention", layer) not in self._heads:
-            attn, S = model.blocks[layer].attn, self.attn_scores[layer]
+    def attention(self, model, layer: int, start: int) -> tuple[Tensor, ...]:
+        """At the layer's rows ``start..`` (``n`` of them): its pattern ``[B, h, n, P]``, heads'
+        outputs ``z [B, h, n, e]``, each row's log-sum-exp of its scores ``[B, h, n]``, and
+        ``[B, n, h + 1, d]``: each head's output through ``W_O`` and the residual stream after the
+        attention. Made when first asked for."""
+        if ("attention", layer, start) not in self._heads:
+            attn, S = model.blocks[layer].attn, self.attn_scores[layer][:, :, start:]
             A = S.softmax(-1)
             Z = A @ self.heads(layer)[1]
             ZO = torch.einsum("bhpe,hed->bphd", Z, attn.W_O)
             if model.cfg.d_mlp is None and layer + 1 < len(self.resid):
-                after = self.resid[layer + 1]
+                after = self.resid[layer + 1][:, start:]
             else:
-                after = self.resid[layer] + ZO.sum(2) + attn.b_O
-            self._heads[("attention", layer)] = (A, Z, S.logsumexp(-1), torch.cat([ZO, after[:, :, None]], 2))
-        return self._heads[("attention", layer)]
+                after = self.resid[layer][:, start:] + ZO.sum(2) + attn.b_O
+            self._heads[("attention", layer, start)] = (A, Z, S.logsumexp(-1), torch.cat([ZO, after[:, :, None]], 2))
+        return self._heads[("attention", layer, start)]
 
     @classmethod
     def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
@@ -291,11 +286,12 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     q_row, k_new, v_new = _qkv(attn, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).unbind(0)   # [B, h, c, e]
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
     S = run.attn_scores[layer]                                                  # [B, h, P, P]
-    A, Z, lse, basis = run.attention(model, layer)                             # .., [B, h, P, e], [B, h, P], ..
+    A, Z, lse, basis = run.attention(model, layer, start)                      # rows start.. only
     # Later rows: the corrupted queries against each variant's new key at its row p
-    s_new = (run.heads_q(layer)[:, :, start:] @ k_new.transpose(-1, -2)).transpose(-1, -2) * attn.scale  # [B, h, c, n]
-    a = A[:, :, start:].index_select(-1, changed).transpose(-1, -2)             # [B, h, c, n]
-    aw = torch.exp(s_new - lse[:, :, None, start:]).where(valid, 0.0)
+    q = run.q[layer][:, start:].transpose(1, 2)                                 # [B, h, n, e]
+    s_new = (q @ k_new.transpose(-1, -2)).transpose(-1, -2) * attn.scale        # [B, h, c, n]
+    a = A.index_select(-1, changed).transpose(-1, -2)                           # [B, h, c, n]
+    aw = torch.exp(s_new - lse[:, :, None]).where(valid, 0.0)
     full = valid & ((a > 0.5) | (aw > 2.0 ** 60))                               # rows to compute in full
     den = (1 - a).add_(aw)
     alpha, beta = (aw / den).masked_fill_(full, 0.0), (a / den).masked_fill_(full, 0.0)
@@ -308,7 +304,7 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     first = torch.cat([alpha, -beta], 1).permute(2, 0, 3, 1)                    # [c, B, n, 2h]
     out = first @ torch.cat([vo[:c], vo[c:]], 2)                                # [c, B, n, d]
     second = torch.cat([beta - alpha, ones], 1).permute(0, 3, 2, 1)            # [B, n, c, h + 1]
-    out += (second @ basis[:, start:]).permute(2, 0, 1, 3)                      # + the corrupted stream
+    out += (second @ basis).permute(2, 0, 1, 3)                      # + the corrupted stream
     dv = v_new - v_old
     redo = full.nonzero().unbind(1)
     if redo[0].numel():
@@ -319,7 +315,7 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
         prow = srow.softmax(-1)
         zr = (prow[:, None] @ Vh[b_, h_]).squeeze(1) + prow.gather(1, p_[:, None]) * dv[b_, h_, j_]
         dz = zr.new_zeros(len(p_), h, zr.shape[-1])                             # [N, h, e]: the one head's change
-        dz[torch.arange(len(p_), device=dev), h_] = zr - Z[b_, h_, start + i_]
+        dz[torch.arange(len(p_), device=dev), h_] = zr - Z[b_, h_, i_]
         out.index_put_((j_, b_, i_), dz.view(len(p_), -1) @ W_O.reshape(-1, d), accumulate=True)
     # The changed row: its own query against the corrupted keys and its own key
     s_row = q_row @ Kh.transpose(-1, -2)                                        # [B, h, c, P] (q_row scaled)
