@@ -80,7 +80,8 @@ class Corrupted:
         outputs ``z [B, h, n, e]``, each row's log-sum-exp of its scores ``[B, h, n]``, and
         ``[B, n, h + 1, d]``: each head's output through ``W_O`` and the residual stream after the
         attention. Made when first asked for."""
-        if ("attention", layer, start) not in self._heads:
+        s0, made = self._heads.get(("attention", layer), (None, None))
+        if s0 is None or s0 > start:            # (chunks come in ascending starts: made once a layer)
             attn, S = model.blocks[layer].attn, self.attn_scores[layer][:, :, start:]
             A = S.softmax(-1)
             Z = A @ self.heads(layer)[1]
@@ -89,8 +90,11 @@ class Corrupted:
                 after = self.resid[layer + 1][:, start:]
             else:
                 after = self.resid[layer][:, start:] + ZO.sum(2) + attn.b_O
-            self._heads[("attention", layer, start)] = (A, Z, S.logsumexp(-1), torch.cat([ZO, after[:, :, None]], 2))
-        return self._heads[("attention", layer, start)]
+            s0, made = start, (A, Z, S.logsumexp(-1), torch.cat([ZO, after[:, :, None]], 2))
+            self._heads[("attention", layer)] = s0, made
+        A, Z, lse, basis = made
+        k = start - s0
+        return A[:, :, k:], Z[:, :, k:], lse[:, :, k:], basis[:, k:]
 
     @classmethod
     def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
