@@ -135,6 +135,32 @@ def test_a_patched_row_continued_equals_the_full_rerun(arch):
                 torch.testing.assert_close(after[:, others], run.resid[1][:, others], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["mlp-LN", "attn-only"])
+def test_a_patched_residual_stream_with_sharp_attention_equals_the_full_rerun(arch):
+    # A patched residual stream's later rows in its layer are the corrupted attention updated in
+    # one term, or recomputed in full where the corrupted weight on the patched row is over 1/2.
+    # Queries scaled up make the patterns sharp, so that both kinds of rows occur; every variant
+    # must equal the model's own forward with the patch as a hook.
+    _, model = tl_pair(arch, seed=3, n_ctx=8)
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q.mul_(30.0)
+    clean, corrupted, _ = pairs_of(model, 0)
+    _, cc = model.run_with_cache(clean)
+    run, _ = Corrupted.run(model, corrupted)
+    rows, start, n_ctx = torch.tensor([2, 3, 6]), 2, clean.shape[1]
+    weight = run.attention(model, 0, start)[0][..., rows]                     # [B, h, rows start.., variant]
+    sees = torch.arange(start, n_ctx)[:, None] > rows                          # the rows after each variant's
+    assert (weight[..., sees] > 0.5).any() and (weight[..., sees] <= 0.5).any()
+    resid = cc["blocks.0.hook_resid_pre"]
+    with torch.no_grad():
+        out = block_rows(model, run, 0, rows, start, x_new=resid[:, rows].transpose(0, 1))   # [c, B, P - start, d]
+    for j, r in enumerate(rows.tolist()):
+        hook = [(P.act_name("resid_pre", 0), _patch_row("resid_pre", resid, r, 0))]
+        with torch.no_grad(), model.hooks(fwd_hooks=hook):
+            _, cache = model.run_with_cache(corrupted, names_filter="blocks.0.hook_resid_post")
+        torch.testing.assert_close(out[j], cache["blocks.0.hook_resid_post"][:, start:], rtol=1e-5, atol=1e-6)
+
+
 def _add_at(name: str, delta: torch.Tensor, head: int | None = None):
     def hook(x, hook):
         x = x.clone()
