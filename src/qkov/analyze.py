@@ -22,7 +22,7 @@ from .devices import model_device
 from .fourier import mlp_summary
 from .interventions import Interventions
 from .model import Transformer
-from .tasks import Task
+from .tasks import Task, breakdowns
 
 
 @dataclass
@@ -173,10 +173,9 @@ def task_facts(model, task: Task) -> dict[str, Any]:
 def _findings(task: Task, s: Summary) -> list[Finding]:
     f: list[Finding] = []
     ev = s.eval
-    kinds = sorted((k for k in ev if k.startswith("by_") and isinstance(ev[k], dict) and ev[k]),
-                   key=lambda k: (k not in ("by_length", "by_position"), k))
-    if kinds:
-        groups, kind = ev[kinds[0]], kinds[0][3:].replace("_", " ")
+    found = [(kind, groups) for kind, groups in breakdowns(ev) if groups]
+    if found:
+        kind, groups = found[0][0].replace("_", " "), found[0][1]
         worst_key, worst = min(groups.items(), key=lambda kv: kv[1]["accuracy"])
         f.append(Finding("accuracy", f"Accuracy {_pct(ev['accuracy'])} overall; lowest at {kind} {worst_key}: "
                          f"{_pct(worst['accuracy'])}.", _r(ev["accuracy"])))

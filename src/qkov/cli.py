@@ -31,13 +31,15 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def format_eval(m: dict[str, Any], name: str = "") -> str:
-    """Accuracy and loss as lines of text, with the by-length / by-position breakdown."""
+    """Accuracy and loss as lines of text, with each breakdown (by length, position, kind, ...)."""
+    from .tasks import breakdowns
+
     head = f"{name + ': ' if name else ''}accuracy {m['accuracy']:.2%}  loss {m['loss']:.4g}"
     if "train_accuracy" in m:
         head += f"  (test split; train accuracy {m['train_accuracy']:.2%}, loss {m['train_loss']:.4g})"
     lines = [head]
-    for group in ("length", "position", "kind"):
-        for k, g in m.get(f"by_{group}", {}).items():
+    for group, groups in breakdowns(m):
+        for k, g in groups.items():
             lines.append(f"  {group} {k}: accuracy {g['accuracy']:.2%}  loss {g['loss']:.4g}  (n={g['n']})")
     if "loss_rest" in m:
         lines.append(f"  loss on the rest of the sequence: {m['loss_rest']:.4g}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import store
 from .fastpath import Plan
-from .tasks import Task
+from .tasks import Task, breakdowns
 from .trainstate import TrainingState
 
 
@@ -40,7 +40,5 @@ def target_reached(metrics: dict[str, Any], target: float | None) -> bool:
     """Overall accuracy and every group's accuracy (by length, position or kind) reach ``target``."""
     if target is None:
         return False
-    accs = [metrics["accuracy"]]
-    for key in ("by_length", "by_position", "by_kind"):
-        accs += [g["accuracy"] for g in metrics.get(key, {}).values()]
+    accs = [metrics["accuracy"]] + [g["accuracy"] for _, groups in breakdowns(metrics) for g in groups.values()]
     return min(accs) >= target

@@ -25,6 +25,7 @@ from ..certify import certify
 from ..errors import QkovError
 from ..show import show
 from ..store import Run, load_run
+from ..tasks import breakdowns
 
 N_EXAMPLES = 4          # example inputs whose attention patterns are drawn, per head
 MAX_TOKENS = 256        # circuits over larger vocabularies show their first MAX_TOKENS ids
@@ -185,9 +186,8 @@ class ReportData:
     def eval_groups(self) -> tuple[str | None, dict[str, dict[str, float]]]:
         """``("length" | "position" | ... | None, {group: {accuracy, loss, n}})``: the first
         ``by_<group>`` breakdown the task's evaluation gives (length and position first)."""
-        keys = [k for k in self.eval if k.startswith("by_") and isinstance(self.eval[k], dict)]
-        keys.sort(key=lambda k: (k not in ("by_length", "by_position"), k))
-        return (keys[0][3:], self.eval[keys[0]]) if keys else (None, {})
+        found = breakdowns(self.eval)
+        return found[0] if found else (None, {})
 
     @property
     def composition(self) -> dict[str, Any] | None:

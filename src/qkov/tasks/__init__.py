@@ -24,7 +24,7 @@ from typing import Any
 from ..config import ModelConfig, TrainConfig
 from ..errors import QkovError
 from .arithmetic import AddTask, FibTask, MaxTask, ModAddTask
-from .base import IGNORE, Batch, FiniteTask, Scorer, Task, as_index, as_scorer, nll_and_prediction
+from .base import IGNORE, Batch, FiniteTask, Scorer, Task, as_index, as_scorer, breakdowns, nll_and_prediction
 from .brackets import BracketsTask
 from .induction import InductionTask
 from .lists import HistogramTask, MinTask, ReverseTask, SortTask
@@ -32,7 +32,7 @@ from .loading import load_class, resolve, source_of
 
 __all__ = [
     "IGNORE", "Batch", "Task", "FiniteTask", "MaxTask", "MinTask", "AddTask", "FibTask", "ModAddTask", "InductionTask",
-    "BracketsTask",
+    "BracketsTask", "breakdowns",
     "TASKS", "get_task", "resolve", "source_of",
     "task_from_dict", "configure", "Scorer", "as_scorer", "as_index", "nll_and_prediction",
 ]

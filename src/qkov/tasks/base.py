@@ -420,6 +420,21 @@ def nll_and_prediction(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]
     return (top[..., 0] - picked).add_(total.log_()).clamp_(min=0), pred
 
 
+def breakdowns(metrics: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Every ``by_<group>`` breakdown of an evaluation (``by_length``, ``by_position``,
+    ``by_kind``, ...) as ``(group, {key: {accuracy, loss, n}})``, length and position first, then
+    by name: what the CLI prints, a target accuracy reads, and the findings and report show.
+
+    >>> m = {"accuracy": 0.9, "by_kind": {"odd": {"accuracy": 1.0}}, "by_length": {"2": {"accuracy": 0.8}}}
+    >>> [group for group, _ in breakdowns(m)]
+    ['length', 'kind']
+    """
+    keys = [k for k, v in metrics.items() if k.startswith("by_") and isinstance(v, dict)
+            and all(isinstance(g, dict) and "accuracy" in g for g in v.values())]
+    keys.sort(key=lambda k: (k not in ("by_length", "by_position"), k))
+    return [(k[3:], metrics[k]) for k in keys]
+
+
 def as_index(positions: list[int]) -> slice | list[int]:
     """``positions`` as a slice where they are consecutive (a view, not a gather)."""
     if list(positions) == list(range(positions[0], positions[-1] + 1)):
