@@ -91,12 +91,17 @@ class ListToListTask(Task):
     def token_labels(self) -> list[str]:
         return [str(i) for i in range(self.vocab)] + ["|", "_"]
 
-    def sample(self, n: int, generator: torch.Generator) -> Batch:
+    def _lists(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` lists drawn from ``generator``: their lengths ``[b]``, ``max_len`` tokens each
+        ``[b, L]`` and which of those are inside the list ``[b, L]``."""
         L = self.max_len
         lengths = torch.randint(self.min_len, L + 1, (n,), generator=generator)          # [b]
         xs = torch.randint(0, self.vocab, (n, L), generator=generator)                   # [b, L]
-        pos = torch.arange(L)
-        inside = pos[None] < lengths[:, None]                                              # [b, L]
+        return lengths, xs, torch.arange(L)[None] < lengths[:, None]
+
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        L, pos = self.max_len, torch.arange(self.max_len)
+        lengths, xs, inside = self._lists(n, generator)
         # Positions past a list's end sort last and are cut off: the rule sees each list alone.
         ys = torch.stack([torch.cat([self.rule(x[:k][None])[0], x[k:]]) for x, k in zip(xs, lengths.tolist())])
         tokens = torch.full((n, 2 * L), self.pad)                                          # [b, 2L]
@@ -294,14 +299,9 @@ class HistogramTask(ListToListTask):
     def d_vocab_out(self) -> int:
         return self.max_len + 1
 
-    def token_labels(self) -> list[str]:
-        return [str(i) for i in range(self.vocab)] + ["|", "_"]
-
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         L = self.max_len
-        lengths = torch.randint(self.min_len, L + 1, (n,), generator=generator)          # [b]
-        xs = torch.randint(0, self.vocab, (n, L), generator=generator)                   # [b, L]
-        inside = torch.arange(L)[None] < lengths[:, None]                                  # [b, L]
+        lengths, xs, inside = self._lists(n, generator)
         same = (xs[:, :, None] == xs[:, None, :]) & inside[:, None, :]                     # [b, L, L]
         counts = same.sum(-1)                                                              # [b, L]
         tokens = torch.full((n, 2 * L + 1), self.pad)                                      # [b, 2L+1]
