@@ -84,6 +84,13 @@ class ModelConfig:
         return self.attention_dir == "causal"
 
     @property
+    def causal_unpadded(self) -> bool:
+        """True when each position's output depends on the tokens up to it alone (causal
+        attention, no padding): what the fast paths and patching's continuations from a later
+        position rely on."""
+        return self.causal and self.pad_token is None
+
+    @property
     def attn_only(self) -> bool:
         """True for a model without MLPs (``d_mlp=None``)."""
         return self.d_mlp is None

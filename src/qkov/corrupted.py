@@ -102,7 +102,7 @@ class Corrupted:
         own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores")
         want = [f"blocks.{l}.{n}" for l in L for n in own]
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
-        mask = None if model.cfg.pad_token is None else tokens != model.cfg.pad_token
+        mask = model.padding_mask(tokens)
         return cls(logits, *([cache[f"blocks.{l}.{n}"] for l in L] for n in own), attention_mask=mask), cache
 
     @staticmethod
@@ -110,7 +110,7 @@ class Corrupted:
         """Whether a change at one position leaves the earlier ones as they were (a causal model
         without padding): what every continuation from a position ``p0 > 0`` and
         :func:`block_rows` rely on. Otherwise variants run every position."""
-        return model.cfg.causal and model.cfg.pad_token is None
+        return model.cfg.causal_unpadded
 
     def prefix(self, layer: int, p0: int) -> list | None:
         """``prefix_kv`` for a continuation from ``layer`` and position ``p0``: the corrupted

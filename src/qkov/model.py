@@ -208,8 +208,13 @@ class Transformer(Hooked, nn.Module):
         if tokens is None:
             raise QkovError(f"this model pads (pad_token={self.cfg.pad_token}) but start_at_layer gives it no "
                             f"tokens to find the padding in; pass attention_mask=(tokens != {self.cfg.pad_token})")
-        keep = tokens.to(resid.device) != self.cfg.pad_token
+        keep = self.padding_mask(tokens.to(resid.device))
         return None if bool(keep.all()) else keep
+
+    def padding_mask(self, tokens: Tensor) -> Tensor | None:
+        """``tokens != cfg.pad_token`` (``[batch, pos]``, True at real tokens), the mask the forward
+        reads padding from; None for a model without ``pad_token``."""
+        return None if self.cfg.pad_token is None else torch.as_tensor(tokens) != self.cfg.pad_token
 
     def _check_resid(self, resid: Tensor, start: int) -> Tensor:
         if not 0 <= start < self.cfg.n_layers:

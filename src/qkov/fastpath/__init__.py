@@ -72,7 +72,7 @@ def plan(model, task: Task | Sequence[int]) -> Plan:
 def _tables_apply(model, positions: list[int] | None) -> bool:
     """A one-layer causal qkov model without padding, scored at fixed positions inside its context."""
     return (isinstance(model, Transformer) and model.cfg.n_layers == 1 and bool(positions)
-            and model.cfg.causal and model.cfg.pad_token is None
+            and model.cfg.causal_unpadded
             and min(positions) >= 0 and max(positions) < model.cfg.n_ctx)
 
 
