@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from tl_copies import perturb_biases
 
 import qkov.circuits as C
 from qkov import fastpath
@@ -23,11 +24,7 @@ def random_model(seed=0, **cfg) -> Transformer:
     base = dict(n_layers=2, n_heads=2, d_model=12, d_head=5, d_mlp=16, d_vocab=7, d_vocab_out=2, n_ctx=8,
                 normalization="LN", attention_dir="bidirectional")
     model = Transformer(ModelConfig(**{**base, **cfg}), seed=seed).double()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.split(".")[-1].startswith("W_"):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_biases(model, seed + 1)
     return model.eval()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tl_copies import perturb_biases
 
 import qkov
 from qkov import patching
@@ -29,11 +30,7 @@ def _model(**cfg) -> qkov.Transformer:
     base = dict(n_layers=2, n_heads=2, d_model=12, d_mlp=16, d_vocab=6, d_vocab_out=2, n_ctx=6,
                 normalization="LN", attention_dir="bidirectional")
     model = qkov.Transformer(qkov.ModelConfig(**{**base, **cfg}), seed=0).double()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.split(".")[-1].startswith("W_"):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_biases(model, 5)
     return model.eval()
 
 

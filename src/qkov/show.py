@@ -177,7 +177,8 @@ def _show_one(model, task: Task, text: str, tokens: list[int], top_k: int) -> Sh
         positions=list(positions), predictions=predictions, output=task.format_answer(predictions),
         expected=task.format_answer(expected) if known else None, expected_tokens=list(expected),
         correct=all(p == e for p, e in known) if known else None, top=top, patterns=patterns,
-        generated=task.answer_is_generated, causal=getattr(getattr(model, "cfg", None), "causal", True),
+        generated=task.answer_is_generated,
+        causal=getattr(getattr(model, "cfg", None), "attention_dir", "causal") != "bidirectional",   # qkov or TL
     )
 
 
