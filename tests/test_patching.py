@@ -135,15 +135,18 @@ def test_a_patched_row_continued_equals_the_full_rerun(arch):
                 torch.testing.assert_close(after[:, others], run.resid[1][:, others], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sharp", [30.0, 3000.0])
 @pytest.mark.parametrize("arch", ["mlp-LN", "attn-only"])
-def test_a_patched_residual_stream_with_sharp_attention_equals_the_full_rerun(arch):
+def test_a_patched_residual_stream_with_sharp_attention_equals_the_full_rerun(arch, sharp):
     # A patched residual stream's later rows in its layer are the corrupted attention updated in
-    # one term, or recomputed in full where the corrupted weight on the patched row is over 1/2.
-    # Queries scaled up make the patterns sharp, so that both kinds of rows occur; every variant
-    # must equal the model's own forward with the patch as a hook.
+    # one term: through the old and new weights on the patched row where that weight is at most
+    # 1/2, through the row's attention to every other key where it is over 1/2 (1 - a would lose
+    # digits there). Queries scaled up make the patterns sharp, so that both kinds of rows occur
+    # (x3000: most rows one-hot to the float, the other keys' weights underflowing to zero); every
+    # variant must equal the model's own forward with the patch as a hook.
     _, model = tl_pair(arch, seed=3, n_ctx=8)
     with torch.no_grad():
-        model.blocks[0].attn.W_Q.mul_(30.0)
+        model.blocks[0].attn.W_Q.mul_(sharp)
     clean, corrupted, _ = pairs_of(model, 0)
     _, cc = model.run_with_cache(clean)
     run, _ = Corrupted.run(model, corrupted)

@@ -64,6 +64,8 @@ class Corrupted:
     k: list[Tensor]
     v: list[Tensor]
     attn_scores: list[Tensor]           # [B, h, P, P], scaled and masked
+    pattern: list[Tensor]               # [B, h, P, P]
+    after: list[Tensor]                 # [B, P, d]: the residual stream after the attention
     buffer: Tensor | None = None        # the logits each variant's metric reads (see scores)
     # [B, P], True at real tokens, for a model with cfg.pad_token (None otherwise)
     attention_mask: Tensor | None = None
@@ -76,30 +78,42 @@ class Corrupted:
         return self._heads[layer]
 
     def attention(self, model, layer: int, start: int) -> tuple[Tensor, ...]:
-        """At the layer's rows ``start..`` (``n`` of them): its pattern ``[B, h, n, P]``, heads'
-        outputs ``z [B, h, n, e]``, each row's log-sum-exp of its scores ``[B, h, n]``, and
-        ``[B, n, h + 1, d]``: each head's output through ``W_O`` and the residual stream after the
-        attention. Made when first asked for."""
+        """At the layer's rows ``start..`` (``n`` of them): its pattern ``[B, h, n, P]``, each
+        row's log-sum-exp of its scores and of its scores but the dominant key's (the key a row
+        gives more than half its attention, if one does; ``[B, h, n]`` each), and ``[B, n, 2h + 1,
+        d]``: each head's output through ``W_O``, each head's output attending to every key but the
+        dominant one through ``W_O`` (zero where that is the only key), and the residual stream
+        after the attention. Made when first asked for."""
         s0, made = self._heads.get(("attention", layer), (None, None))
         if s0 is None or s0 > start:            # (chunks come in ascending starts: made once a layer)
             attn, S = model.blocks[layer].attn, self.attn_scores[layer][:, :, start:]
-            A = S.softmax(-1)
-            Z = A @ self.heads(layer)[1]
-            ZO = torch.einsum("bhpe,hed->bphd", Z, attn.W_O)
-            if model.cfg.d_mlp is None and layer + 1 < len(self.resid):
-                after = self.resid[layer + 1][:, start:]
-            else:
-                after = self.resid[layer][:, start:] + ZO.sum(2) + attn.b_O
-            s0, made = start, (A, Z, S.logsumexp(-1), torch.cat([ZO, after[:, :, None]], 2))
+            A, Vh = self.pattern[layer][:, :, start:], self.heads(layer)[1]
+            S_m = S.masked_fill(A > 0.5, float(attn.IGNORE))                    # every score but the dominant key's
+            Z = torch.cat([A @ Vh, (S_m.softmax(-1) @ Vh).nan_to_num_(0.0)], 1)   # [B, 2h, n, e]
+            ZO = torch.einsum("bhpe,hed->bphd", Z, torch.cat([attn.W_O, attn.W_O]))   # [B, n, 2h, d]
+            s0 = start
+            made = (A, S.logsumexp(-1), S_m.logsumexp(-1), torch.cat([ZO, self.after[layer][:, start:, None]], 2))
             self._heads[("attention", layer)] = s0, made
-        A, Z, lse, basis = made
         k = start - s0
-        return A[:, :, k:], Z[:, :, k:], lse[:, :, k:], basis[:, k:]
+        A, lse, lse_m, basis = made
+        return A[:, :, k:], lse[:, :, k:], lse_m[:, :, k:], basis[:, k:]
+
+    def qkv(self, model, layer: int, x: Tensor) -> Tensor:
+        """The layer's queries (times the attention's scale), keys and values of ``x [..., d]`` in
+        one matmul: ``[..., 3 h e]``, ``q``, ``k``, ``v`` side by side, each head-major (the weights
+        side by side made once: they do not change while the run is continued)."""
+        if ("qkv", layer) not in self._heads:
+            attn = model.blocks[layer].attn
+            W = torch.cat([heads_matrix(attn.W_Q) * attn.scale, heads_matrix(attn.W_K), heads_matrix(attn.W_V)], 1)
+            b = torch.cat([attn.b_Q.flatten() * attn.scale, attn.b_K.flatten(), attn.b_V.flatten()])
+            self._heads[("qkv", layer)] = W, b
+        return _affine(x, *self._heads[("qkv", layer)])
 
     @classmethod
     def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
         L = range(model.cfg.n_layers)
-        own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores")
+        own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
+               "attn.hook_pattern", "hook_resid_mid" if model.cfg.d_mlp is not None else "hook_resid_post")
         want = [f"blocks.{l}.{n}" for l in L for n in own]
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
         mask = model.padding_mask(tokens)
@@ -273,12 +287,16 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     """:func:`block_rows` at rows ``start..`` when variant ``j``'s residual stream at row ``p = changed[j]``
     is ``x_new[j]``: its query, key and value change. Row ``p`` is computed afresh. A later row ``r``
     keeps its query and attends as in the corrupted run but to one changed key and value, so each
-    head's output there is the corrupted ``z`` changed in that one term: with ``a`` the corrupted
-    attention of ``r`` to ``p`` and ``a w`` the new one, ``z' - z = α v'_p - β v_p - (α - β) z``
-    (``α = a w / d``, ``β = a / d``, ``d = 1 - a + a w``), and the residual stream after the
-    attention is the corrupted one plus that through ``W_O``: two small matmuls write the whole
-    chunk. Where ``a > 1/2`` (``1 - a`` would lose digits) or ``a w`` is huge, that head's row is
-    computed again in full."""
+    head's output there is the corrupted ``z`` changed in that one term, written from what the
+    corrupted run has. With ``a`` the corrupted attention of ``r`` to ``p`` and ``a w`` the new one
+    (``w`` the ratio of the new exponentiated score to the old), ``z' - z = α v'_p - β v_p - (α -
+    β) z`` (``α = a w / d``, ``β = a / d``, ``d = 1 - a + a w``): to the last digit where ``a <=
+    1/2`` (then ``d >= 1/2``). Where ``a > 1/2`` (``p`` is ``r``'s dominant key, ``1 - a`` would
+    lose digits and ``d`` may be tiny), ``z' = σ v'_p + (1 - σ) z_m`` instead, ``z_m`` being ``r``'s
+    output attending to every key but ``p`` and ``σ`` the sigmoid of the new score less the
+    log-sum-exp of the others' (:meth:`Corrupted.attention`). No row is computed again. The residual
+    stream after the attention is the corrupted one plus the change through ``W_O``: two small
+    matmuls write the whole chunk."""
     cfg, block = model.cfg, model.blocks[layer]
     attn = block.attn
     X = run.resid[layer]                                                        # [B, P, d]
@@ -287,40 +305,34 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     valid = torch.arange(start, P, device=dev) > changed[:, None]               # [c, n]: rows that see row p
     x_new = x_new.to(X.dtype)
     ln = block.ln1(x_new) if cfg.normalization == "LN" else x_new               # [c, B, d]
-    q_row, k_new, v_new = _qkv(attn, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).unbind(0)   # [B, h, c, e]
+    q_row, k_new, v_new = run.qkv(model, layer, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).unbind(0)   # [B,h,c,e]
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
-    S = run.attn_scores[layer]                                                  # [B, h, P, P]
-    A, Z, lse, basis = run.attention(model, layer, start)                      # rows start.. only
+    A, lse, lse_m, basis = run.attention(model, layer, start)                  # rows start.. only
     # Later rows: the corrupted queries against each variant's new key at its row p
     q = run.q[layer][:, start:].transpose(1, 2)                                 # [B, h, n, e]
-    s_new = (q @ k_new.transpose(-1, -2)).transpose(-1, -2) * attn.scale        # [B, h, c, n]
+    s_new = (q @ k_new.transpose(-1, -2)).transpose(-1, -2).mul_(attn.scale)   # [B, h, c, n]
     a = A.index_select(-1, changed).transpose(-1, -2)                           # [B, h, c, n]
-    aw = torch.exp(s_new - lse[:, :, None]).where(valid, 0.0)
-    full = valid & ((a > 0.5) | (aw > 2.0 ** 60))                               # rows to compute in full
+    aw = (s_new - lse[:, :, None]).clamp_(max=80.0).exp_()                     # (past e^80: α 1, β 0 to the digit)
     den = (1 - a).add_(aw)
-    alpha, beta = (aw / den).masked_fill_(full, 0.0), (a / den).masked_fill_(full, 0.0)
-    ones = torch.ones(B, 1, c, n, dtype=X.dtype, device=dev)
+    top = a > 0.5                                                               # [B, h, c, n]: p is r's dominant key
+    alpha, beta = aw.div_(den), a.div_(den)
+    lead = s_new.sub_(lse_m[:, :, None])
+    zero = lead.new_zeros(())
+    valid = valid.to(X.dtype)
+    first = torch.cat([torch.where(top, lead.sigmoid(), alpha),                # on v'_p
+                       torch.where(top, zero, -beta)], 1)                       # on v_p
+    second = torch.cat([torch.where(top, -1.0, beta - alpha),                   # on z
+                        torch.where(top, lead.neg_().sigmoid_(), zero),         # on z_m
+                        valid.new_ones(B, 1, c, n)], 1)                         # on the stream
     at = (torch.arange(c, device=dev), changed - start)                         # the changed row of each variant
-    ones[:, :, at[0], at[1]] = 0.0
+    first.mul_(valid)
+    second[:, :2 * h].mul_(valid)                                               # (the changed row is written below)
     W_O = attn.W_O                                                              # [h, e, d]
     v_old = Vh.index_select(2, changed)                                         # [B, h, c, e]
-    vo = torch.einsum("bhce,hed->cbhd", torch.cat([v_new, v_old], 2), W_O)     # [2c, B, h, d]: new, old
-    first = torch.cat([alpha, -beta], 1).permute(2, 0, 3, 1)                    # [c, B, n, 2h]
-    out = first @ torch.cat([vo[:c], vo[c:]], 2)                                # [c, B, n, d]
-    second = torch.cat([beta - alpha, ones], 1).permute(0, 3, 2, 1)            # [B, n, c, h + 1]
-    out += (second @ basis).permute(2, 0, 1, 3)                      # + the corrupted stream
+    vo = torch.einsum("bhce,hed->cbhd", torch.cat([v_new, v_old], 1), torch.cat([W_O, W_O]))   # [c, B, 2h, d]: new, old
+    out = first.permute(2, 0, 3, 1) @ vo                                        # [c, B, n, d]
+    out += (second.permute(0, 3, 2, 1) @ basis).permute(2, 0, 1, 3)            # + the corrupted stream
     dv = v_new - v_old
-    redo = full.nonzero().unbind(1)
-    if redo[0].numel():
-        b_, h_, j_, i_ = redo
-        p_ = changed[j_]
-        srow = S[b_, h_, start + i_].clone()                                    # [N, P]
-        srow[torch.arange(len(p_), device=dev), p_] = s_new[redo]
-        prow = srow.softmax(-1)
-        zr = (prow[:, None] @ Vh[b_, h_]).squeeze(1) + prow.gather(1, p_[:, None]) * dv[b_, h_, j_]
-        dz = zr.new_zeros(len(p_), h, zr.shape[-1])                             # [N, h, e]: the one head's change
-        dz[torch.arange(len(p_), device=dev), h_] = zr - Z[b_, h_, i_]
-        out.index_put_((j_, b_, i_), dz.view(len(p_), -1) @ W_O.reshape(-1, d), accumulate=True)
     # The changed row: its own query against the corrupted keys and its own key
     s_row = q_row @ Kh.transpose(-1, -2)                                        # [B, h, c, P] (q_row scaled)
     mine = (q_row * k_new).sum(-1)                                              # [B, h, c]
@@ -345,7 +357,7 @@ def tail_rows(model, run: Corrupted, layer: int, start: int, x: Tensor) -> Tenso
     Kh, Vh = (T[:, :, :start] for T in run.heads(layer))                      # [B, h, start, e]
     (c, B, n, _), (h, e) = x.shape, Kh.shape[1::2]
     ln = block.ln1(x) if cfg.normalization == "LN" else x
-    q, k, v = _qkv(attn, ln).view(c, B, n, 3, h, e).permute(3, 1, 4, 0, 2, 5).unbind(0)   # [B, h, c, n, e], q scaled
+    q, k, v = run.qkv(model, layer, ln).view(c, B, n, 3, h, e).permute(3, 1, 4, 0, 2, 5).unbind(0)   # [B,h,c,n,e]
     earlier = (q.reshape(B, h, c * n, e) @ Kh.transpose(-1, -2)).view(B, h, c, n, start)
     own = q @ k.transpose(-1, -2)                                               # [B, h, c, n, n]
     later = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)         # the causal mask
@@ -365,14 +377,6 @@ def unembed(model, resid: Tensor) -> Tensor:
     if model.cfg.normalization == "LN":
         resid = model.ln_final(resid)
     return _affine(resid, model.unembed.W_U, model.unembed.b_U)
-
-
-def _qkv(attn, x: Tensor) -> Tensor:
-    """The queries (times the attention's scale), keys and values of ``x [..., d]`` in one matmul:
-    ``[..., 3 h e]``, ``q``, ``k``, ``v`` side by side, each head-major."""
-    W = torch.cat([heads_matrix(attn.W_Q) * attn.scale, heads_matrix(attn.W_K), heads_matrix(attn.W_V)], 1)
-    b = torch.cat([attn.b_Q.flatten() * attn.scale, attn.b_K.flatten(), attn.b_V.flatten()])
-    return _affine(x, W, b)
 
 
 def _affine(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
