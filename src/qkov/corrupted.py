@@ -343,7 +343,7 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     z_row = p_row @ Vh + p_row.gather(-1, col) * dv                             # [B, h, c, e]
     out[at[0], :, at[1]] = x_new + _affine(z_row.permute(2, 0, 1, 3).reshape(c, B, -1), W_O.reshape(-1, d), attn.b_O)
     if cfg.d_mlp is not None:
-        out = out + block.mlp(block.ln2(out) if cfg.normalization == "LN" else out, None)
+        out += block.mlp(block.ln2(out) if cfg.normalization == "LN" else out, None)
     return out
 
 
@@ -363,11 +363,12 @@ def tail_rows(model, run: Corrupted, layer: int, start: int, x: Tensor) -> Tenso
     later = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)         # the causal mask
     scores = torch.cat([earlier, own.masked_fill_(later, attn.IGNORE)], -1)
     pattern = scores.softmax(-1)                                                # [B, h, c, n, start + n]
-    z = (pattern[..., :start].reshape(B, h, c * n, start) @ Vh).view(B, h, c, n, e)
-    z = (z + pattern[..., start:] @ v).permute(2, 0, 3, 1, 4)                  # [c, B, n, h, e]
-    resid = x + _affine(z.reshape(c, B, n, h * e), attn.W_O.reshape(h * e, -1), attn.b_O)
+    z = (pattern[..., :start].reshape(B, h, c * n, start) @ Vh).view(B * h * c, n, e)
+    z = z.baddbmm_(pattern[..., start:].reshape(B * h * c, n, n), v.reshape(B * h * c, n, e))   # + the own rows' values
+    z = z.view(B, h, c, n, e).permute(2, 0, 3, 1, 4)                            # [c, B, n, h, e]
+    resid = _affine(z.reshape(c, B, n, h * e), attn.W_O.reshape(h * e, -1), attn.b_O).add_(x)
     if cfg.d_mlp is not None:
-        resid = resid + block.mlp(block.ln2(resid) if cfg.normalization == "LN" else resid, None)
+        resid += block.mlp(block.ln2(resid) if cfg.normalization == "LN" else resid, None)
     return resid
 
 
