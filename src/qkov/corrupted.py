@@ -305,7 +305,7 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     valid = torch.arange(start, P, device=dev) > changed[:, None]               # [c, n]: rows that see row p
     x_new = x_new.to(X.dtype)
     ln = block.ln1(x_new) if cfg.normalization == "LN" else x_new               # [c, B, d]
-    q_row, k_new, v_new = run.qkv(model, layer, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).unbind(0)   # [B,h,c,e]
+    q_row, k_new, v_new = run.qkv(model, layer, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).contiguous()   # [B,h,c,e]
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
     A, lse, lse_m, basis = run.attention(model, layer, start)                  # rows start.. only
     # Later rows: the corrupted queries against each variant's new key at its row p
@@ -357,7 +357,8 @@ def tail_rows(model, run: Corrupted, layer: int, start: int, x: Tensor) -> Tenso
     Kh, Vh = (T[:, :, :start] for T in run.heads(layer))                      # [B, h, start, e]
     (c, B, n, _), (h, e) = x.shape, Kh.shape[1::2]
     ln = block.ln1(x) if cfg.normalization == "LN" else x
-    q, k, v = run.qkv(model, layer, ln).view(c, B, n, 3, h, e).permute(3, 1, 4, 0, 2, 5).unbind(0)   # [B,h,c,n,e]
+    # Head-major in one copy, which every matmul below reads as it is
+    q, k, v = run.qkv(model, layer, ln).view(c, B, n, 3, h, e).permute(3, 1, 4, 0, 2, 5).contiguous()   # [B,h,c,n,e]
     earlier = (q.reshape(B, h, c * n, e) @ Kh.transpose(-1, -2)).view(B, h, c, n, start)
     own = q @ k.transpose(-1, -2)                                               # [B, h, c, n, n]
     later = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)         # the causal mask
