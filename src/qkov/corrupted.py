@@ -2,7 +2,8 @@
 
 A patched variant differs from the corrupted run only from its patched layer and position on: a
 causal model's earlier positions never see the change. :class:`Corrupted` keeps what each
-continuation reads: the logits, and each layer's residual stream, queries, keys and values.
+continuation reads: the logits, and each layer's residual stream, queries, keys, values, scores,
+pattern, heads' outputs and the residual stream after its attention.
 
 - :meth:`Corrupted.metrics`: ``c`` copies continued through the model's own forward from a layer
   and a position ``p0`` on, every position from ``p0`` recomputed (edge patching, grids over
@@ -65,6 +66,7 @@ class Corrupted:
     v: list[Tensor]
     attn_scores: list[Tensor]           # [B, h, P, P], scaled and masked
     pattern: list[Tensor]               # [B, h, P, P]
+    z: list[Tensor]                     # [B, P, h, e]
     after: list[Tensor]                 # [B, P, d]: the residual stream after the attention
     buffer: Tensor | None = None        # the logits each variant's metric reads (see scores)
     # [B, P], True at real tokens, for a model with cfg.pad_token (None otherwise)
@@ -89,8 +91,8 @@ class Corrupted:
             attn, S = model.blocks[layer].attn, self.attn_scores[layer][:, :, start:]
             A, Vh = self.pattern[layer][:, :, start:], self.heads(layer)[1]
             S_m = S.masked_fill(A > 0.5, float(attn.IGNORE))                    # every score but the dominant key's
-            Z = torch.cat([A @ Vh, (S_m.softmax(-1) @ Vh).nan_to_num_(0.0)], 1)   # [B, 2h, n, e]
-            ZO = torch.einsum("bhpe,hed->bphd", Z, torch.cat([attn.W_O, attn.W_O]))   # [B, n, 2h, d]
+            Z = torch.cat([self.z[layer][:, start:].transpose(1, 2), (S_m.softmax(-1) @ Vh).nan_to_num_(0.0)], 1)
+            ZO = torch.einsum("bhpe,hed->bphd", Z, torch.cat([attn.W_O, attn.W_O]))   # Z [B, 2h, n, e] -> [B, n, 2h, d]
             s0 = start
             made = (A, S.logsumexp(-1), S_m.logsumexp(-1), torch.cat([ZO, self.after[layer][:, start:, None]], 2))
             self._heads[("attention", layer)] = s0, made
@@ -112,8 +114,9 @@ class Corrupted:
     @classmethod
     def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
         L = range(model.cfg.n_layers)
+        after = "hook_resid_mid" if model.cfg.d_mlp is not None else "hook_resid_post"
         own = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
-               "attn.hook_pattern", "hook_resid_mid" if model.cfg.d_mlp is not None else "hook_resid_post")
+               "attn.hook_pattern", "attn.hook_z", after)
         want = [f"blocks.{l}.{n}" for l in L for n in own]
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(set(want) | set(names)))
         mask = model.padding_mask(tokens)
@@ -305,7 +308,7 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     valid = torch.arange(start, P, device=dev) > changed[:, None]               # [c, n]: rows that see row p
     x_new = x_new.to(X.dtype)
     ln = block.ln1(x_new) if cfg.normalization == "LN" else x_new               # [c, B, d]
-    q_row, k_new, v_new = run.qkv(model, layer, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).contiguous()   # [B,h,c,e]
+    q_row, k_new, v_new = run.qkv(model, layer, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).contiguous()   # B h c e
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
     A, lse, lse_m, basis = run.attention(model, layer, start)                  # rows start.. only
     # Later rows: the corrupted queries against each variant's new key at its row p
@@ -330,8 +333,8 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     W_O = attn.W_O                                                              # [h, e, d]
     v_old = Vh.index_select(2, changed)                                         # [B, h, c, e]
     vo = torch.einsum("bhce,hed->cbhd", torch.cat([v_new, v_old], 1), torch.cat([W_O, W_O]))   # [c, B, 2h, d]: new, old
-    out = first.permute(2, 0, 3, 1) @ vo                                        # [c, B, n, d]
-    out += (second.permute(0, 3, 2, 1) @ basis).permute(2, 0, 1, 3)            # + the corrupted stream
+    out = (second.permute(0, 3, 2, 1) @ basis).permute(2, 0, 1, 3).contiguous()   # [c, B, n, d]: the stream, z's part
+    out.view(c * B, n, d).baddbmm_(first.permute(2, 0, 3, 1).reshape(c * B, n, 2 * h), vo.view(c * B, 2 * h, d))
     dv = v_new - v_old
     # The changed row: its own query against the corrupted keys and its own key
     s_row = q_row @ Kh.transpose(-1, -2)                                        # [B, h, c, P] (q_row scaled)
