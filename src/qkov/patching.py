@@ -10,7 +10,8 @@ position leaves the earlier positions as the corrupted run has them; a head's ou
 pattern, ``attn_out``, ``resid_mid`` or ``mlp_out`` at one position change only that position's
 output in their layer, so the layer is computed there alone and the next sees one changed row. A
 variant whose clean and corrupted activations are equal is the corrupted run itself and is not
-run again. ``patching_metric(logits [batch, pos, d_vocab_out])`` must return a scalar. Path
+run again. ``patching_metric(logits [batch, pos, d_vocab_out])`` must return a scalar; it runs
+under ``torch.inference_mode()``, as the whole grid does (no autograd is recorded). Path
 patching, exact edge patching and attribution patching are in :mod:`qkov.edges`.
 
 >>> import qkov
