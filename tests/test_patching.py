@@ -151,7 +151,7 @@ def test_a_patched_residual_stream_with_sharp_attention_equals_the_full_rerun(ar
     _, cc = model.run_with_cache(clean)
     run, _ = Corrupted.run(model, corrupted)
     rows, start, n_ctx = torch.tensor([2, 3, 6]), 2, clean.shape[1]
-    weight = run.attention(model, 0, start)[0][..., rows]                     # [B, h, rows start.., variant]
+    weight = run.pattern[0][:, :, start:][..., rows]                          # [B, h, rows start.., variant]
     sees = torch.arange(start, n_ctx)[:, None] > rows                          # the rows after each variant's
     assert (weight[..., sees] > 0.5).any() and (weight[..., sees] <= 0.5).any()
     resid = cc["blocks.0.hook_resid_pre"]

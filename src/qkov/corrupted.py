@@ -71,22 +71,22 @@ class Corrupted:
     buffer: Tensor | None = None        # the logits each variant's metric reads (see scores)
     # [B, P], True at real tokens, for a model with cfg.pad_token (None otherwise)
     attention_mask: Tensor | None = None
-    _heads: dict = field(default_factory=dict)
+    _made: dict = field(default_factory=dict)         # what heads(), attention() and qkv() made once
 
     def heads(self, layer: int) -> tuple[Tensor, Tensor]:
         """The layer's keys and values head-major, ``[B, h, P, e]`` (contiguous, for matmuls)."""
-        if layer not in self._heads:
-            self._heads[layer] = tuple(T[layer].transpose(1, 2).contiguous() for T in (self.k, self.v))
-        return self._heads[layer]
+        if layer not in self._made:
+            self._made[layer] = tuple(T[layer].transpose(1, 2).contiguous() for T in (self.k, self.v))
+        return self._made[layer]
 
     def attention(self, model, layer: int, start: int) -> tuple[Tensor, ...]:
-        """At the layer's rows ``start..`` (``n`` of them): its pattern ``[B, h, n, P]``, each
-        row's log-sum-exp of its scores and of its scores but the dominant key's (the key a row
-        gives more than half its attention, if one does; ``[B, h, n]`` each), and ``[B, n, 2h + 1,
+        """At the layer's rows ``start..`` (``n`` of them): each row's log-sum-exp of its scores
+        and of its scores but the dominant key's (the key a row gives more than half its attention,
+        if one does; ``[B, h, n]`` each), and ``[B, n, 2h + 1,
         d]``: each head's output through ``W_O``, each head's output attending to every key but the
         dominant one through ``W_O`` (zero where that is the only key), and the residual stream
         after the attention. Made when first asked for."""
-        s0, made = self._heads.get(("attention", layer), (None, None))
+        s0, made = self._made.get(("attention", layer), (None, None))
         if s0 is None or s0 > start:            # (chunks come in ascending starts: made once a layer)
             attn, S = model.blocks[layer].attn, self.attn_scores[layer][:, :, start:]
             A, Vh = self.pattern[layer][:, :, start:], self.heads(layer)[1]
@@ -94,22 +94,22 @@ class Corrupted:
             Z = torch.cat([self.z[layer][:, start:].transpose(1, 2), (S_m.softmax(-1) @ Vh).nan_to_num_(0.0)], 1)
             ZO = torch.einsum("bhpe,hed->bphd", Z, torch.cat([attn.W_O, attn.W_O]))   # Z [B, 2h, n, e] -> [B, n, 2h, d]
             s0 = start
-            made = (A, S.logsumexp(-1), S_m.logsumexp(-1), torch.cat([ZO, self.after[layer][:, start:, None]], 2))
-            self._heads[("attention", layer)] = s0, made
+            made = (S.logsumexp(-1), S_m.logsumexp(-1), torch.cat([ZO, self.after[layer][:, start:, None]], 2))
+            self._made[("attention", layer)] = s0, made
         k = start - s0
-        A, lse, lse_m, basis = made
-        return A[:, :, k:], lse[:, :, k:], lse_m[:, :, k:], basis[:, k:]
+        lse, lse_m, basis = made
+        return lse[:, :, k:], lse_m[:, :, k:], basis[:, k:]
 
     def qkv(self, model, layer: int, x: Tensor) -> Tensor:
         """The layer's queries (times the attention's scale), keys and values of ``x [..., d]`` in
         one matmul: ``[..., 3 h e]``, ``q``, ``k``, ``v`` side by side, each head-major (the weights
         side by side made once: they do not change while the run is continued)."""
-        if ("qkv", layer) not in self._heads:
+        if ("qkv", layer) not in self._made:
             attn = model.blocks[layer].attn
             W = torch.cat([heads_matrix(attn.W_Q) * attn.scale, heads_matrix(attn.W_K), heads_matrix(attn.W_V)], 1)
             b = torch.cat([attn.b_Q.flatten() * attn.scale, attn.b_K.flatten(), attn.b_V.flatten()])
-            self._heads[("qkv", layer)] = W, b
-        return _affine(x, *self._heads[("qkv", layer)])
+            self._made[("qkv", layer)] = W, b
+        return _affine(x, *self._made[("qkv", layer)])
 
     @classmethod
     def run(cls, model, tokens: Tensor, names: Sequence[str] = ()) -> tuple[Corrupted, dict[str, Tensor]]:
@@ -310,22 +310,21 @@ def _resid_rows(model, run: Corrupted, layer: int, changed: Tensor, start: int, 
     ln = block.ln1(x_new) if cfg.normalization == "LN" else x_new               # [c, B, d]
     q_row, k_new, v_new = run.qkv(model, layer, ln).view(c, B, 3, h, -1).permute(2, 1, 3, 0, 4).contiguous()   # B h c e
     Kh, Vh = run.heads(layer)                                                   # [B, h, P, e]
-    A, lse, lse_m, basis = run.attention(model, layer, start)                  # rows start.. only
+    lse, lse_m, basis = run.attention(model, layer, start)                     # rows start.. only
     # Later rows: the corrupted queries against each variant's new key at its row p
     q = run.q[layer][:, start:].transpose(1, 2)                                 # [B, h, n, e]
     s_new = (q @ k_new.transpose(-1, -2)).transpose(-1, -2).mul_(attn.scale)   # [B, h, c, n]
-    a = A.index_select(-1, changed).transpose(-1, -2)                           # [B, h, c, n]
+    a = run.pattern[layer][:, :, start:].index_select(-1, changed).transpose(-1, -2)   # [B, h, c, n]
     aw = (s_new - lse[:, :, None]).clamp_(max=80.0).exp_()                     # (past e^80: α 1, β 0 to the digit)
     den = (1 - a).add_(aw)
     top = a > 0.5                                                               # [B, h, c, n]: p is r's dominant key
     alpha, beta = aw.div_(den), a.div_(den)
     lead = s_new.sub_(lse_m[:, :, None])
-    zero = lead.new_zeros(())
     valid = valid.to(X.dtype)
     first = torch.cat([torch.where(top, lead.sigmoid(), alpha),                # on v'_p
-                       torch.where(top, zero, -beta)], 1)                       # on v_p
+                       torch.where(top, 0.0, -beta)], 1)                        # on v_p
     second = torch.cat([torch.where(top, -1.0, beta - alpha),                   # on z
-                        torch.where(top, lead.neg_().sigmoid_(), zero),         # on z_m
+                        torch.where(top, lead.neg_().sigmoid_(), 0.0),          # on z_m
                         valid.new_ones(B, 1, c, n)], 1)                         # on the stream
     at = (torch.arange(c, device=dev), changed - start)                         # the changed row of each variant
     first.mul_(valid)
