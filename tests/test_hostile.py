@@ -405,6 +405,14 @@ def fake_points(monkeypatch, runs, summary_of_a):
     monkeypatch.setattr(sys.modules["qkov.sweep"], "_pool", lambda *a, **k: pools.SerialPool(1))
 
 
+def run_clean_or_unchanged(work: Path, argv: list[str]) -> tuple[int, str]:
+    """``qkov argv`` run in ``work``, held to :func:`assert_clean_or_unchanged`; its exit code and stderr."""
+    before = files_under(work)
+    code, _, err = _in(work, argv)
+    assert_clean_or_unchanged(code, err, work, before)
+    return code, err
+
+
 def _in(work: Path, argv: list[str]) -> tuple[int, str, str]:
     old = os.getcwd()
     os.chdir(work)
@@ -434,10 +442,8 @@ def test_sweep_input_refused_before_anything_is_made(tmp_path, runs, fake_points
     """Seeds are counted before the list is made, every point is sized before the sweep starts, and
     an --out that cannot be a folder gets store's line."""
     places = _places(tmp_path, runs)
-    before = files_under(tmp_path)
-    code, _, err = _in(tmp_path, ["sweep", "max", "--out", places[1], *argv])
+    code, err = run_clean_or_unchanged(tmp_path, ["sweep", "max", "--out", places[1], *argv])
     assert code == 2 and message in err, err
-    assert_clean_or_unchanged(code, err, tmp_path, before)
     assert not (tmp_path / "new2").exists()
 
 
@@ -478,10 +484,7 @@ def _sweep_args(data, places: list[str]) -> list[str]:
 def test_fuzz_sweep_command_lines(tmp_path_factory, runs, fake_points, data):
     work = tmp_path_factory.mktemp("sweep")
     places = _places(work, runs)
-    argv = ["sweep", *_sweep_args(data, places)]
-    before = files_under(work)
-    code, _, err = _in(work, argv)
-    assert_clean_or_unchanged(code, err, work, before)
+    run_clean_or_unchanged(work, ["sweep", *_sweep_args(data, places)])
 
 
 @pytest.fixture
@@ -524,10 +527,7 @@ def test_fuzz_tour_command_lines(tmp_path_factory, runs, fake_tour, data):
                                                                     "train.threads=2", "steps=3", "threads="]))),
         st.tuples(st.sampled_from(["--quiet", "--help", "-o", "--set", "--bogus", "max"])),
     )
-    argv = ["tour", *[a for opt in data.draw(st.lists(option, max_size=5)) for a in opt]]
-    before = files_under(work)
-    code, _, err = _in(work, argv)
-    assert_clean_or_unchanged(code, err, work, before)
+    run_clean_or_unchanged(work, ["tour", *[a for opt in data.draw(st.lists(option, max_size=5)) for a in opt]])
 
 
 @pytest.mark.slow
